@@ -1,0 +1,28 @@
+//! meshd core: the model, the key schema, the store seam and the reflector that every
+//! meshd binary shares.
+//!
+//! ```text
+//!  etcd ──(EtcdStore: KvStore)──► Reflector<Codec> ──► Event stream ──► indexes / exporters
+//!            ▲     list pages at one revision, watch rev+1, relist + sweep on failure
+//!            └── writers: KvStore::put / txn (create-if-absent, CAS), leases via Session
+//! ```
+//!
+//! - [`model`]: validated types (cluster names/IDs, identities, labels, selectors,
+//!   ipcache entries, nodes, services, cluster config).
+//! - [`keys`]: the one definition of every etcd key and its JSON value codec.
+//! - [`kv`]: the [`kv::KvStore`] trait, [`kv::EtcdStore`], [`kv::MemoryStore`] and lease
+//!   [`kv::Session`]s.
+//! - [`reflector`]: list + watch + relist/sweep with backoff, as a stream of
+//!   [`reflector::Event`]s; undecodable entries are dropped and counted.
+//! - [`backoff`], [`metrics`]: shared retry policy and Prometheus counters.
+//!
+//! The core knows no gRPC server, no aya and no DNS; binaries and the agent/apiserver
+//! crates build on it. `meshctl` lives in `src/bin/meshctl.rs` with its logic in [`ctl`].
+
+pub mod backoff;
+pub mod ctl;
+pub mod keys;
+pub mod kv;
+pub mod metrics;
+pub mod model;
+pub mod reflector;

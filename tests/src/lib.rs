@@ -1,0 +1,29 @@
+//! mesh-tests: the end-to-end harness and tests of meshd.
+//!
+//! ```text
+//!  EtcdGuard ── real etcd-server process on 127.0.0.1 (TLS, client-cert auth, auth on)
+//!      │        own CA (mesh-certs), root user bootstrapped, stop/restart/compact
+//!      └──► EtcdConfig per user ──► meshd::kv::EtcdStore ──► reflector / exporters under test
+//! ```
+//!
+//! Tests live in `tests/tests/*.rs`; benchmarks are `--release` binaries in `src/bin/`.
+//! Every guard cleans up on drop, even when a test panics: processes are killed by PID,
+//! data directories removed. etcd is started through `setpriv --pdeathsig KILL` so it
+//! also dies if the test process is killed outright.
+
+pub mod etcd;
+pub mod mirror;
+
+pub use etcd::EtcdGuard;
+pub use mirror::Mirror;
+
+/// Installs a test-friendly tracing subscriber once (honours `RUST_LOG`).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
