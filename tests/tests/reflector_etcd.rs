@@ -393,3 +393,27 @@ async fn etcd_enforces_tls_users_and_permissions() {
         "{err}"
     );
 }
+
+#[test]
+fn etcd_guard_cleans_up_when_a_test_panics() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The guard lives on this thread (setpriv's parent-death signal follows the thread).
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(async {
+            let etcd = EtcdGuard::start().await.unwrap();
+            tx.send((etcd.pid().unwrap(), etcd.dir().to_path_buf()))
+                .unwrap();
+            panic!("simulated test failure");
+        })
+    }));
+    assert!(res.is_err());
+    let (pid, dir) = rx.recv().unwrap();
+    // setpriv execs etcd, so the PID we killed is etcd itself.
+    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(!alive, "etcd (pid {pid}) still running after the panic");
+    assert!(!dir.exists(), "{} still exists", dir.display());
+}
