@@ -1,7 +1,9 @@
 //! clustermesh-apiserver: turns one cluster's state into the meshd key schema.
 //!
-//! Data flow (filled in by the apiserver issue): a source (manifest directory or
+//! Data flow (being built by the apiserver issue): a source (manifest directory or
 //! Kubernetes watchers) → identity allocation (etcd transactions) → exporter writing
 //! `mesh/state/...`, `mesh/cluster-config/...`, `mesh/heartbeat` and `mesh/synced/...`
 //! into the cluster's etcd through the `meshd` `KvStore`; kvstoremesh mirrors peers
 //! into `mesh/cache/...`; the etcd bootstrap creates TLS material, users and roles.
+
+pub mod source;

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::model::{
     ClusterConfig, ClusterId, ClusterName, ClusterService, Identity, IdentityEntry, IpCacheEntry,
-    MaxConnectedClusters, ModelError, Node,
+    Labels, MaxConnectedClusters, ModelError, Node,
 };
 
 /// Every key starts with this.
@@ -29,6 +29,12 @@ pub const SYNCED_PREFIX: &str = "mesh/synced/";
 pub const STATE_PREFIX: &str = "mesh/state/";
 /// Prefix of the kvstoremesh cache.
 pub const CACHE_PREFIX: &str = "mesh/cache/";
+/// Prefix of exported policies.
+pub const POLICY_PREFIX: &str = "mesh/policies/v1/";
+/// Prefix of the identity allocator's label-set index.
+pub const IDENTITY_INDEX_PREFIX: &str = "mesh/identity-index/v1/";
+/// Prefix of the identity allocator's per-replica references.
+pub const IDENTITY_REFS_PREFIX: &str = "mesh/identity-refs/v1/";
 const VERSION: &str = "v1";
 
 /// The kinds of exported state.
@@ -232,6 +238,33 @@ pub enum Key {
     },
     /// `mesh/clusterset-ips/by-ip/<ip>`
     ClusterSetIpByIp(IpAddr),
+    /// `mesh/policies/v1/<cluster>/<ns>/<name>` (local agents only; peers cannot read it)
+    Policy {
+        /// Cluster of the policy.
+        cluster: ClusterName,
+        /// Namespace.
+        namespace: String,
+        /// Policy name.
+        name: String,
+    },
+    /// `mesh/identity-index/v1/<cluster>/<labels joined by ';'>`: label set → identity,
+    /// the allocator's uniqueness guard (private to the cluster).
+    IdentityIndex {
+        /// Owning cluster.
+        cluster: ClusterName,
+        /// The label set.
+        labels: Labels,
+    },
+    /// `mesh/identity-refs/v1/<cluster>/<id>/<owner>`: `owner` (an apiserver replica)
+    /// uses identity `id`; leased, so a dead replica's references vanish.
+    IdentityRef {
+        /// Owning cluster.
+        cluster: ClusterName,
+        /// The identity.
+        id: Identity,
+        /// The replica holding the reference.
+        owner: String,
+    },
 }
 
 /// A key that is not part of the schema.
@@ -266,6 +299,24 @@ impl fmt::Display for Key {
                 write!(f, "mesh/clusterset-ips/{VERSION}/{namespace}/{name}")
             }
             Self::ClusterSetIpByIp(ip) => write!(f, "mesh/clusterset-ips/by-ip/{ip}"),
+            Self::Policy {
+                cluster,
+                namespace,
+                name,
+            } => write!(f, "{POLICY_PREFIX}{cluster}/{namespace}/{name}"),
+            Self::IdentityIndex { cluster, labels } => {
+                write!(f, "{IDENTITY_INDEX_PREFIX}{cluster}/")?;
+                for (i, l) in labels.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(";")?;
+                    }
+                    write!(f, "{l}")?;
+                }
+                Ok(())
+            }
+            Self::IdentityRef { cluster, id, owner } => {
+                write!(f, "{IDENTITY_REFS_PREFIX}{cluster}/{id}/{owner}")
+            }
         }
     }
 }
@@ -332,6 +383,47 @@ impl Key {
                 Ok(Self::ClusterSetIp {
                     namespace: ns.to_owned(),
                     name: name.to_owned(),
+                })
+            }
+            "policies" => {
+                let tail = tail.strip_prefix("v1/").ok_or("unknown version segment")?;
+                let (c, rest) = tail.split_once('/').ok_or("missing namespace")?;
+                let (ns, name) = rest.split_once('/').ok_or("missing policy name")?;
+                if !crate::model::is_dns_label(ns, 63) || !crate::model::is_dns_subdomain(name) {
+                    return Err("namespace or policy name is not valid");
+                }
+                Ok(Self::Policy {
+                    cluster: cluster(c)?,
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+            "identity-index" => {
+                let tail = tail.strip_prefix("v1/").ok_or("unknown version segment")?;
+                let (c, labels) = tail.split_once('/').ok_or("missing label set")?;
+                let labels = Labels::parse(labels.split(';').filter(|s| !s.is_empty()))
+                    .map_err(|_| "invalid label set")?;
+                if labels.is_empty() {
+                    return Err("empty label set");
+                }
+                Ok(Self::IdentityIndex {
+                    cluster: cluster(c)?,
+                    labels,
+                })
+            }
+            "identity-refs" => {
+                let tail = tail.strip_prefix("v1/").ok_or("unknown version segment")?;
+                let (c, rest) = tail.split_once('/').ok_or("missing identity")?;
+                let (id, owner) = rest.split_once('/').ok_or("missing owner")?;
+                let id = parse_canonical_u32(id).ok_or("identity is not a decimal number")?;
+                let id = Identity::from_raw(id).map_err(|_| "identity out of 24-bit range")?;
+                if !crate::model::is_dns_subdomain(owner) {
+                    return Err("owner is not an RFC 1123 subdomain");
+                }
+                Ok(Self::IdentityRef {
+                    cluster: cluster(c)?,
+                    id,
+                    owner: owner.to_owned(),
                 })
             }
             _ => Err("unknown key"),
@@ -656,6 +748,39 @@ pub fn decode_state(
     }
 }
 
+/// Encodes a heartbeat or synced-marker value (RFC 3339).
+pub fn encode_time(t: time::OffsetDateTime) -> Vec<u8> {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+        .into_bytes()
+}
+
+/// Decodes a heartbeat or synced-marker value (RFC 3339).
+pub fn decode_time(key: &Key, value: &[u8]) -> Result<time::OffsetDateTime, DecodeError> {
+    let invalid = |reason: String| DecodeError::Invalid {
+        key: key.to_string(),
+        source: ModelError::Field {
+            field: "timestamp",
+            reason,
+        },
+    };
+    let s = std::str::from_utf8(value).map_err(|_| invalid("not UTF-8".into()))?;
+    time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+        .map_err(|e| invalid(format!("{s:?} is not RFC 3339: {e}")))
+}
+
+/// Value of `mesh/clusterset-ips/v1/<ns>/<name>` and `mesh/clusterset-ips/by-ip/<ip>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSetIpEntry {
+    /// Namespace of the global service.
+    pub namespace: String,
+    /// Name of the global service.
+    pub name: String,
+    /// The ClusterSetIP.
+    pub ip: IpAddr,
+}
+
 /// Decodes a cluster-config value and checks it names the cluster of its key.
 pub fn decode_cluster_config(
     cluster: &ClusterName,
@@ -735,6 +860,33 @@ mod tests {
             (cluster(), kind()).prop_map(|(cluster, kind)| Key::CacheSynced { cluster, kind }),
             (label(), label()).prop_map(|(namespace, name)| Key::ClusterSetIp { namespace, name }),
             ip().prop_map(Key::ClusterSetIpByIp),
+            (cluster(), label(), proptest::collection::vec(label(), 1..4)).prop_map(
+                |(cluster, namespace, parts)| Key::Policy {
+                    cluster,
+                    namespace,
+                    name: parts.join(".")
+                }
+            ),
+            (
+                cluster(),
+                proptest::collection::btree_map(label(), label(), 1..5)
+            )
+                .prop_map(|(cluster, m)| {
+                    let mut v: Vec<String> =
+                        m.iter().map(|(k, v)| format!("k8s:{k}={v}")).collect();
+                    v.push(format!("mesh:io.meshd.cluster={cluster}"));
+                    Key::IdentityIndex {
+                        labels: Labels::parse(v.iter().map(String::as_str)).unwrap(),
+                        cluster,
+                    }
+                }),
+            (cluster(), 1u32..=Identity::MAX, label()).prop_map(|(cluster, id, owner)| {
+                Key::IdentityRef {
+                    cluster,
+                    id: Identity::from_raw(id).unwrap(),
+                    owner,
+                }
+            }),
         ]
     }
 

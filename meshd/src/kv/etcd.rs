@@ -215,6 +215,11 @@ fn compare(c: &Compare) -> EtcdCompare {
         Compare::Absent(k) => EtcdCompare::create_revision(k.as_str(), CompareOp::Equal, 0),
         Compare::ModRevision(k, r) => EtcdCompare::mod_revision(k.as_str(), CompareOp::Equal, *r),
         Compare::Value(k, v) => EtcdCompare::value(k.as_str(), CompareOp::Equal, v.clone()),
+        // Over a range, etcd compares every key; an empty range compares a zero KeyValue,
+        // so "create revision == 0 over the prefix" holds exactly when no key exists.
+        Compare::PrefixAbsent(p) => {
+            EtcdCompare::create_revision(p.as_str(), CompareOp::Equal, 0).with_prefix()
+        }
     }
 }
 
@@ -306,9 +311,12 @@ impl KvStore for EtcdStore {
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, KvError> {
         let first = match txn.compares.first() {
-            Some(Compare::Absent(k) | Compare::ModRevision(k, _) | Compare::Value(k, _)) => {
-                k.clone()
-            }
+            Some(
+                Compare::Absent(k)
+                | Compare::ModRevision(k, _)
+                | Compare::Value(k, _)
+                | Compare::PrefixAbsent(k),
+            ) => k.clone(),
             None => String::new(),
         };
         let t = EtcdTxn::new()

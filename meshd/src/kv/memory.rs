@@ -170,6 +170,13 @@ impl Inner {
             Compare::Value(k, val) => self
                 .current(k.as_bytes())
                 .is_some_and(|v| v.value.as_deref() == Some(val.as_slice())),
+            Compare::PrefixAbsent(p) => {
+                let end = prefix_end(p.as_bytes());
+                !self
+                    .keys
+                    .range::<[u8], _>((Bound::Included(p.as_bytes()), Bound::Excluded(&end[..])))
+                    .any(|(_, vs)| live(vs, self.revision).is_some())
+            }
         }
     }
 }

@@ -83,6 +83,8 @@ pub enum Compare {
     ModRevision(String, i64),
     /// The key exists with this exact value.
     Value(String, Vec<u8>),
+    /// No key with this prefix exists.
+    PrefixAbsent(String),
 }
 
 /// An operation in a transaction.

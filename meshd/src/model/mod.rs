@@ -5,6 +5,7 @@ mod endpoint;
 mod identity;
 mod labels;
 mod node;
+mod policy;
 mod selector;
 mod service;
 
@@ -15,6 +16,10 @@ pub use endpoint::{IpCacheEntry, NamedPort};
 pub use identity::{Identity, IdentityEntry, ReservedIdentity};
 pub use labels::{CLUSTER_LABEL, Label, LabelSource, Labels, NAMESPACE_LABEL};
 pub use node::{Node, NodeAddress, NodeAddressType};
+pub use policy::{
+    EgressRule, Entity, IngressRule, MeshNetworkPolicy, MeshNetworkPolicySpec, POLICY_API_VERSION,
+    POLICY_KIND, PolicyProtocol, PortRule,
+};
 pub use selector::{LabelSelector, LabelSelectorRequirement, SelectorOperator};
 pub use service::{Affinity, Backend, BackendPort, ClusterService, Protocol, ServicePort};
 
