@@ -4,6 +4,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/mesh/v1/health.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/mesh/v1/health.proto",
+                "proto/mesh/v1/clustermesh.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

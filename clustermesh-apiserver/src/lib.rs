@@ -6,4 +6,10 @@
 //! into the cluster's etcd through the `meshd` `KvStore`; kvstoremesh mirrors peers
 //! into `mesh/cache/...`; the etcd bootstrap creates TLS material, users and roles.
 
+pub mod allocator;
+pub mod api;
+pub mod app;
+pub mod bootstrap;
+pub mod export;
+pub mod health;
 pub mod source;

@@ -19,6 +19,7 @@
 //! The core knows no gRPC server, no aya and no DNS; binaries and the agent/apiserver
 //! crates build on it. `meshctl` lives in `src/bin/meshctl.rs` with its logic in [`ctl`].
 
+pub mod args;
 pub mod backoff;
 pub mod ctl;
 pub mod keys;

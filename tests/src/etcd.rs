@@ -38,7 +38,7 @@ impl EtcdGuard {
             .tempdir()
             .context("creating the etcd temp dir")?;
         let ca = CertificateAuthority::generate("mesh-test-etcd-ca", Duration::from_secs(86_400))?;
-        let server = ca.issue(&CertRequest::server(
+        let server = ca.issue(&CertRequest::server_and_client(
             "etcd",
             &["localhost"],
             &[IpAddr::V4(Ipv4Addr::LOCALHOST)],

@@ -12,7 +12,9 @@
 //! also dies if the test process is killed outright.
 
 pub mod etcd;
+pub mod exporter;
 pub mod mirror;
+pub mod objects;
 
 pub use etcd::EtcdGuard;
 pub use mirror::Mirror;
@@ -26,4 +28,24 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Path of a workspace binary built next to the test executable (`target/<profile>/`).
+///
+/// `scripts/test` builds every binary before running the tests; when one is missing this
+/// panics with the command to run.
+pub fn bin_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
 }

@@ -5,7 +5,10 @@
 //! exporter writes nothing before it), and `Error` for input problems it could not apply
 //! (the source keeps going; objects from the last good input stay in force).
 
+mod channel;
 pub mod manifest;
+
+pub use channel::ChannelSource;
 
 use std::fmt;
 

@@ -1,0 +1,197 @@
+//! The clustermesh-apiserver process: arguments, wiring of exporter, gRPC and health
+//! servers, and shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use meshd::args::{ClusterArgs, EtcdArgs, parse_duration};
+use meshd::kv::{EtcdStore, KvStore};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ClusterMeshApi};
+use crate::export::{self, ExportConfig, ExportMetrics, ExportStatus};
+use crate::health;
+use crate::source::manifest::ManifestSource;
+
+/// clustermesh-apiserver: exports this cluster's identities, endpoints, nodes and services
+/// into its etcd, where peers read them over mTLS.
+#[derive(Debug, Parser)]
+#[command(name = "clustermesh-apiserver", version, about)]
+pub struct Args {
+    /// This cluster.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// This cluster's etcd (client certificate of user `apiserver-<cluster>`).
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Directory of Kubernetes manifests to export (standalone mode), watched for changes.
+    #[arg(long, env = "MESH_MANIFESTS")]
+    pub manifests: PathBuf,
+    /// Name of this replica (identity references are per replica).
+    #[arg(long, env = "MESH_REPLICA", default_value = "apiserver-0")]
+    pub replica: String,
+    /// Address of the mTLS gRPC API.
+    #[arg(long, env = "MESH_GRPC_LISTEN", default_value = "127.0.0.1:9443")]
+    pub grpc_listen: SocketAddr,
+    /// Server certificate of the gRPC API (PEM; reloaded when it changes).
+    #[arg(long, env = "MESH_GRPC_CERT")]
+    pub grpc_cert: PathBuf,
+    /// Server key of the gRPC API (PEM; reloaded when it changes).
+    #[arg(long, env = "MESH_GRPC_KEY")]
+    pub grpc_key: PathBuf,
+    /// CA whose client certificates the gRPC API accepts.
+    #[arg(long, env = "MESH_GRPC_CLIENT_CA")]
+    pub grpc_client_ca: PathBuf,
+    /// Address of the plain-HTTP /healthz, /readyz and /metrics endpoints.
+    #[arg(long, env = "MESH_HEALTH_LISTEN", default_value = "127.0.0.1:9090")]
+    pub health_listen: SocketAddr,
+    /// How often `mesh/heartbeat` is refreshed.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub heartbeat_interval: Duration,
+    /// TTL of this replica's lease (identity references).
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub lease_ttl: Duration,
+    /// How long an identity must stay unused before it is deleted.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub identity_gc_grace: Duration,
+}
+
+/// Why the process could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A command-line value is invalid.
+    #[error("invalid argument: {0}")]
+    Args(#[from] meshd::model::ModelError),
+    /// A file named on the command line could not be read.
+    #[error(transparent)]
+    File(#[from] meshd::args::ArgFileError),
+    /// Connecting to etcd failed.
+    #[error("connecting to etcd: {0}")]
+    Etcd(#[from] meshd::kv::KvError),
+    /// A listener could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC API failed.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    /// The export failed for good.
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
+    /// The health server failed.
+    #[error("health server: {0}")]
+    Health(std::io::Error),
+}
+
+impl Args {
+    /// The export configuration these arguments describe.
+    pub fn export_config(&self) -> Result<ExportConfig, AppError> {
+        let (name, id, mode) = self.cluster.resolve()?;
+        let mut cfg = ExportConfig::new(name, id, mode);
+        cfg.replica.clone_from(&self.replica);
+        cfg.heartbeat_interval = self.heartbeat_interval;
+        cfg.lease_ttl = self.lease_ttl;
+        cfg.gc_grace = self.identity_gc_grace;
+        cfg.gc_interval = (self.identity_gc_grace / 5).max(Duration::from_secs(1));
+        Ok(cfg)
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, AppError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { what, addr, source })
+}
+
+/// Runs until `shutdown` is cancelled (or a component fails), then shuts down gracefully.
+pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError> {
+    let cfg = args.export_config()?;
+    let store: Arc<dyn KvStore> = Arc::new(EtcdStore::connect(&args.etcd.load()?).await?);
+    let client_ca = std::fs::read_to_string(&args.grpc_client_ca).map_err(|source| {
+        meshd::args::ArgFileError {
+            what: "--grpc-client-ca",
+            path: args.grpc_client_ca.clone(),
+            source,
+        }
+    })?;
+    let (tls, _cert) = api::server_tls(args.grpc_cert.clone(), args.grpc_key.clone(), &client_ca)?;
+    let grpc = bind("the gRPC API", args.grpc_listen).await?;
+    let health_listener = bind("the health endpoint", args.health_listen).await?;
+    tracing::info!(
+        cluster = %cfg.cluster,
+        id = %cfg.cluster_id,
+        grpc = %grpc.local_addr().map_err(|source| AppError::Bind { what: "the gRPC API", addr: args.grpc_listen, source })?,
+        health = %args.health_listen,
+        manifests = %args.manifests.display(),
+        "clustermesh-apiserver starting"
+    );
+
+    let metrics = ExportMetrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let registry = Arc::new(registry);
+    let (status_tx, status) = watch::channel(ExportStatus::default());
+
+    // Any component ending stops the others.
+    let stop = shutdown.child_token();
+    let mut tasks = tokio::task::JoinSet::new();
+    let api = ClusterMeshApi::new(cfg.clone(), status.clone(), store.clone());
+    tasks.spawn({
+        let stop = stop.clone();
+        async move {
+            let r = api::serve_grpc(grpc, tls, api, stop.clone())
+                .await
+                .map_err(AppError::from);
+            stop.cancel();
+            r
+        }
+    });
+    tasks.spawn({
+        let (stop, status, registry) = (stop.clone(), status.clone(), registry.clone());
+        async move {
+            let r = health::serve_health(health_listener, status, registry, stop.clone())
+                .await
+                .map_err(AppError::Health);
+            stop.cancel();
+            r
+        }
+    });
+    let source = Box::new(ManifestSource::new(args.manifests.clone()));
+    tasks.spawn({
+        let stop = stop.clone();
+        async move {
+            let r = export::run(store, cfg, source, metrics, status_tx, stop.clone())
+                .await
+                .map_err(AppError::from);
+            stop.cancel();
+            r
+        }
+    });
+    let mut first_err = None;
+    while let Some(res) = tasks.join_next().await {
+        match res {
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "component failed; shutting down");
+                first_err.get_or_insert(e);
+            }
+            Err(e) if e.is_panic() => {
+                tracing::error!("component panicked; shutting down");
+                stop.cancel();
+            }
+            _ => {}
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
