@@ -656,7 +656,11 @@ async fn a_missing_directory_delays_synced() {
         .unwrap()
         .unwrap();
     assert!(matches!(first, SourceEvent::Error(_)), "{first:?}");
-    put(&root, "a.yaml", &namespace("shop"));
+    // The directory appears with its file at once (a rename), so the source cannot see it
+    // empty in between.
+    let staging = dir.path().join(".staging");
+    put(&staging, "a.yaml", &namespace("shop"));
+    std::fs::rename(&staging, &root).unwrap();
     let initial = run.initial().await;
     assert_eq!(applied(&initial), ["Namespace shop"], "{initial:?}");
 }
