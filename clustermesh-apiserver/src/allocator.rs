@@ -309,22 +309,13 @@ impl IdentityAllocator {
         Ok(id)
     }
 
-    /// Drops one reference; the replica's etcd reference goes with the last one.
-    pub async fn release(&mut self, labels: &Labels) -> Result<(), AllocError> {
-        let Some(u) = self.used.get_mut(labels) else {
-            return Ok(());
-        };
-        u.refs = u.refs.saturating_sub(1);
-        if u.refs > 0 {
-            return Ok(());
+    /// Drops one reference. The replica's etcd reference goes with the last one, at the
+    /// next [`Self::sweep`] (so a label set that is released and taken again within one
+    /// batch costs no etcd round trip).
+    pub fn release(&mut self, labels: &Labels) {
+        if let Some(u) = self.used.get_mut(labels) {
+            u.refs = u.refs.saturating_sub(1);
         }
-        let id = u.id;
-        self.used.remove(labels);
-        self.store
-            .delete(&self.ref_key(id))
-            .await
-            .map_err(self.err("delete reference"))?;
-        Ok(())
     }
 
     /// References many label sets at once (batched transactions), so that the following
@@ -456,20 +447,29 @@ impl IdentityAllocator {
         });
     }
 
-    /// Releases label sets referenced by [`Self::prefetch`] but never acquired.
+    /// Deletes this replica's references to label sets no longer used (released, or
+    /// prefetched and never acquired), in batched transactions.
     pub async fn sweep(&mut self) -> Result<(), AllocError> {
-        let unused: Vec<Labels> = self
+        let unused: Vec<(Labels, Identity)> = self
             .used
             .iter()
             .filter(|(_, u)| u.refs == 0)
-            .map(|(l, _)| l.clone())
+            .map(|(l, u)| (l.clone(), u.id))
             .collect();
-        for l in unused {
-            if let Some(u) = self.used.remove(&l) {
-                self.store
-                    .delete(&self.ref_key(u.id))
-                    .await
-                    .map_err(self.err("delete reference"))?;
+        for chunk in unused.chunks(REF_BATCH) {
+            let txn = Txn {
+                success: chunk
+                    .iter()
+                    .map(|(_, id)| Op::Delete(self.ref_key(*id)))
+                    .collect(),
+                ..Txn::default()
+            };
+            self.store
+                .txn(txn)
+                .await
+                .map_err(self.err("delete references"))?;
+            for (l, _) in chunk {
+                self.used.remove(l);
             }
         }
         Ok(())
@@ -697,8 +697,10 @@ mod tests {
             .unwrap();
         assert_eq!(b.acquire(&labels("db")).await.unwrap(), db);
         // db is released by both; after the grace period it is deleted, web is kept.
-        a.release(&labels("db")).await.unwrap();
-        b.release(&labels("db")).await.unwrap();
+        a.release(&labels("db"));
+        a.sweep().await.unwrap();
+        b.release(&labels("db"));
+        b.sweep().await.unwrap();
         assert_eq!(a.gc().await.unwrap(), 0, "grace period not over");
         tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(a.gc().await.unwrap(), 1);

@@ -22,6 +22,7 @@
 pub mod args;
 pub mod backoff;
 pub mod ctl;
+pub mod events;
 pub mod keys;
 pub mod kv;
 pub mod metrics;

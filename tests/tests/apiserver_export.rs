@@ -312,3 +312,59 @@ async fn changes_are_exported_incrementally_and_stale_keys_removed_at_start() {
     assert_eq!(s.frontends, vec![std::net::IpAddr::from(test_ip(70_002))]);
     ex.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_identities_are_collected_after_the_grace_period_on_real_etcd() {
+    use clustermesh_apiserver::allocator::{AllocatorConfig, IdentityAllocator};
+    use meshd::model::Labels;
+    init_tracing();
+    let etcd = EtcdGuard::start().await.unwrap();
+    let store: Arc<dyn KvStore> = Arc::new(etcd.root_store().await.unwrap());
+    let m = MaxConnectedClusters::C255;
+    let cfg = |owner: &str| AllocatorConfig {
+        cluster: ClusterName::new("east").unwrap(),
+        cluster_id: ClusterId::new(1, m).unwrap(),
+        mode: m,
+        owner: owner.into(),
+        gc_grace: Duration::from_millis(300),
+    };
+    let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
+    let mut a = IdentityAllocator::new(store.clone(), cfg("a"), lease)
+        .await
+        .unwrap();
+    let mut b = IdentityAllocator::new(store.clone(), cfg("b"), lease)
+        .await
+        .unwrap();
+    let l = |app: &str| {
+        Labels::parse([
+            format!("k8s:app={app}").as_str(),
+            "mesh:io.meshd.cluster=east",
+        ])
+        .unwrap()
+    };
+    let web = a.acquire(&l("web")).await.unwrap();
+    let db = a.acquire(&l("db")).await.unwrap();
+    assert_eq!(b.acquire(&l("db")).await.unwrap(), db);
+    a.release(&l("db"));
+    a.sweep().await.unwrap();
+    // db is still referenced by b; web by a: nothing may be collected, however long.
+    assert_eq!(b.gc().await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(b.gc().await.unwrap(), 0, "referenced identities survive GC");
+    // Once b lets go too, db goes after the grace period (the prefix compare on real etcd
+    // sees that no reference is left), web stays.
+    b.release(&l("db"));
+    b.sweep().await.unwrap();
+    assert_eq!(b.gc().await.unwrap(), 0, "grace period starts now");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(b.gc().await.unwrap(), 1);
+    let ids = snapshot(&*store, "mesh/state/identities/v1/east/").await;
+    assert_eq!(ids.len(), 1);
+    assert!(ids.keys().next().unwrap().ends_with(&format!("/{web}")));
+    assert!(
+        snapshot(&*store, &format!("{}east/", keys::IDENTITY_INDEX_PREFIX))
+            .await
+            .len()
+            == 1
+    );
+}

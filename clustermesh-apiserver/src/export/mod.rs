@@ -370,7 +370,8 @@ impl Exporter {
         Ok(())
     }
 
-    /// Drops identity references prepared but not used.
+    /// Drops this replica's references to identities no longer used (released or
+    /// prepared and not used).
     pub async fn finish_batch(&mut self) -> Result<(), ExportError> {
         self.allocator.sweep().await?;
         Ok(())
@@ -513,11 +514,7 @@ impl Exporter {
                         let k = self.ip_key(*ip);
                         self.unset(k);
                     }
-                    // A reference left behind by a failed delete only delays GC of the
-                    // identity until this replica's lease ends.
-                    if let Err(e) = self.allocator.release(&old.info.labels).await {
-                        self.report("etcd", &r.to_string(), &e);
-                    }
+                    self.allocator.release(&old.info.labels);
                 }
             }
             ObjectKind::Node => {
@@ -563,7 +560,7 @@ impl Exporter {
             _ => {
                 let id = self.allocator.acquire(&info.labels).await?;
                 if let Some(o) = &old {
-                    self.allocator.release(&o.info.labels).await?;
+                    self.allocator.release(&o.info.labels);
                 }
                 id
             }
@@ -732,13 +729,7 @@ impl Exporter {
     }
 
     fn publish_counts(&self) {
-        let ids = self
-            .state
-            .pods
-            .values()
-            .map(|p| p.identity)
-            .collect::<BTreeSet<_>>()
-            .len() as u64;
+        let ids = self.allocator.in_use() as u64;
         let mut counts: BTreeMap<String, u64> = OWNED
             .iter()
             .zip(self.counts)

@@ -107,6 +107,12 @@ fn map_err(op: &'static str, key: &str, e: etcd_client::Error) -> KvError {
     }
 }
 
+/// Whether a request failed because the response exceeded the gRPC message size limit.
+fn is_too_large(e: &KvError) -> bool {
+    matches!(e, KvError::Request { source, .. }
+        if source.to_string().contains("message length too large"))
+}
+
 fn kv_from(kv: etcd_client::proto::PbKeyValue) -> KeyValue {
     KeyValue {
         key: kv.key,
@@ -249,33 +255,46 @@ impl KvStore for EtcdStore {
         limit: usize,
         revision: i64,
     ) -> Result<ListPage, KvError> {
-        let mut c = self.client.clone();
         let from = start.unwrap_or(prefix.as_bytes()).to_vec();
-        let opts = GetOptions::new()
-            .with_range(prefix_end(prefix.as_bytes()))
-            .with_limit(limit.max(1) as i64)
-            .with_revision(revision);
-        let resp = self
-            .timed("list", prefix, c.get(from, Some(opts)))
-            .await
-            .map_err(|e| match e {
-                KvError::Compacted { .. } => KvError::Compacted {
-                    requested: revision,
-                    compact_revision: 0,
-                },
-                e => e,
-            })?;
-        let more = resp.more();
-        let mut pb = resp.0;
-        let rev = pb.header.as_ref().map_or(0, |h| h.revision);
-        Ok(ListPage {
-            revision: if revision == 0 { rev } else { revision },
-            kvs: std::mem::take(&mut pb.kvs)
-                .into_iter()
-                .map(kv_from)
-                .collect(),
-            more,
-        })
+        let end = prefix_end(prefix.as_bytes());
+        let mut limit = limit.max(1);
+        loop {
+            let mut c = self.client.clone();
+            let opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(limit as i64)
+                .with_revision(revision);
+            match self
+                .timed("list", prefix, c.get(from.clone(), Some(opts)))
+                .await
+            {
+                Ok(resp) => {
+                    let more = resp.more();
+                    let mut pb = resp.0;
+                    let rev = pb.header.as_ref().map_or(0, |h| h.revision);
+                    return Ok(ListPage {
+                        revision: if revision == 0 { rev } else { revision },
+                        kvs: std::mem::take(&mut pb.kvs)
+                            .into_iter()
+                            .map(kv_from)
+                            .collect(),
+                        more,
+                    });
+                }
+                Err(KvError::Compacted { .. }) => {
+                    return Err(KvError::Compacted {
+                        requested: revision,
+                        compact_revision: 0,
+                    });
+                }
+                // A page of large values exceeded the gRPC message limit: smaller pages.
+                Err(e) if limit > 1 && is_too_large(&e) => {
+                    limit /= 2;
+                    tracing::debug!(prefix, limit, "list page too large; halving");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn put(&self, key: &str, value: &[u8], lease: Option<LeaseId>) -> Result<i64, KvError> {
