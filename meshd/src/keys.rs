@@ -229,6 +229,8 @@ pub enum Key {
         /// Kind that is complete.
         kind: StateKind,
     },
+    /// `mesh/cache/heartbeat/<remote>` (kvstoremesh's copy of the peer's heartbeat)
+    CacheHeartbeat(ClusterName),
     /// `mesh/clusterset-ips/v1/<ns>/<name>`
     ClusterSetIp {
         /// Namespace of the global service.
@@ -295,6 +297,7 @@ impl fmt::Display for Key {
             Self::CacheSynced { cluster, kind } => {
                 write!(f, "{CACHE_PREFIX}synced/{cluster}/{kind}")
             }
+            Self::CacheHeartbeat(c) => write!(f, "{CACHE_PREFIX}heartbeat/{c}"),
             Self::ClusterSetIp { namespace, name } => {
                 write!(f, "mesh/clusterset-ips/{VERSION}/{namespace}/{name}")
             }
@@ -360,6 +363,9 @@ impl Key {
             "cache" => {
                 if let Some(c) = tail.strip_prefix("cluster-config/") {
                     return Ok(Self::CacheClusterConfig(cluster(c)?));
+                }
+                if let Some(c) = tail.strip_prefix("heartbeat/") {
+                    return Ok(Self::CacheHeartbeat(cluster(c)?));
                 }
                 if let Some(t) = tail.strip_prefix("synced/") {
                     return synced(t).map(|(cluster, kind)| Self::CacheSynced { cluster, kind });
@@ -857,6 +863,7 @@ mod tests {
             state_key().prop_map(Key::State),
             state_key().prop_map(Key::Cache),
             cluster().prop_map(Key::CacheClusterConfig),
+            cluster().prop_map(Key::CacheHeartbeat),
             (cluster(), kind()).prop_map(|(cluster, kind)| Key::CacheSynced { cluster, kind }),
             (label(), label()).prop_map(|(namespace, name)| Key::ClusterSetIp { namespace, name }),
             ip().prop_map(Key::ClusterSetIpByIp),

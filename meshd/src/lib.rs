@@ -28,3 +28,4 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod reflector;
+pub mod remote;

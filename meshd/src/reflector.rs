@@ -328,6 +328,21 @@ impl<C: Codec> Reflector<C> {
         })
     }
 
+    /// Like [`Self::into_stream`], with the number of entries delivered after each item
+    /// (for status counts).
+    pub fn into_stream_with_len(
+        self,
+    ) -> impl Stream<Item = (Result<Event<C::Key, C::Value>, ReflectorError>, usize)> + Send
+    where
+        C::Key: Send,
+    {
+        futures::stream::unfold(self, |mut r| async move {
+            let item = r.next().await;
+            let n = r.len();
+            Some(((item, n), r))
+        })
+    }
+
     fn finish_list(&mut self, revision: i64) {
         let stale: Vec<C::Key> = self
             .known
