@@ -12,4 +12,5 @@ pub mod app;
 pub mod bootstrap;
 pub mod export;
 pub mod health;
+pub mod kvstoremesh;
 pub mod source;

@@ -1,0 +1,358 @@
+//! kvstoremesh: mirrors every peer's exported state into the local etcd's
+//! `mesh/cache/...`, so agents of this cluster read one local etcd and each peer's etcd
+//! serves one watcher per cluster instead of one per node.
+//!
+//! ```text
+//!  peer etcd ──RemoteCluster (Direct)──► ClusterEvent ──► CacheWriter ──► local etcd
+//!                                                          mesh/cache/<kind>/v1/<peer>/…
+//!                                                          mesh/cache/cluster-config/<peer>
+//!                                                          mesh/cache/synced/<peer>/<kind>
+//!                                                          mesh/cache/heartbeat/<peer>
+//! ```
+//!
+//! The writer remembers a hash of every value it wrote (loaded from the cache at start),
+//! so a reconnect or restart rewrites nothing that did not change; at each `InitDone` it
+//! deletes the cache keys of that peer and kind that the new list did not contain, then
+//! creates the cache's synced marker. `Drain` deletes everything of the peer.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use futures::FutureExt;
+use meshd::events::ClusterEvent;
+use meshd::keys::{self, Key, StateKind, StateValue};
+use meshd::kv::{KvError, KvStore, Op, Txn};
+use meshd::model::ClusterName;
+use tokio::sync::mpsc;
+
+/// Events written per batch (bounds latency under a burst).
+const MAX_BATCH: usize = 5000;
+/// Operations per transaction.
+const TXN_OPS: usize = 100;
+
+fn hash(v: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+/// Writes cluster events of peers into the local etcd cache (single owner).
+#[derive(Debug)]
+pub struct CacheWriter {
+    store: Arc<dyn KvStore>,
+    /// Cache key → hash of the value written.
+    written: HashMap<String, u64>,
+    /// Keys per (peer, kind) currently in the cache.
+    present: HashMap<(ClusterName, StateKind), HashSet<String>>,
+    /// Keys applied since the last `Init` per (peer, kind).
+    seen: HashMap<(ClusterName, StateKind), HashSet<String>>,
+    ops: Vec<Op>,
+}
+
+impl CacheWriter {
+    /// Loads what the cache holds.
+    pub async fn new(store: Arc<dyn KvStore>) -> Result<Self, KvError> {
+        let all = store.list_all(keys::CACHE_PREFIX, 5000).await?;
+        let mut w = Self {
+            store,
+            written: HashMap::new(),
+            present: HashMap::new(),
+            seen: HashMap::new(),
+            ops: Vec::new(),
+        };
+        for kv in all.kvs {
+            let Ok(k) = String::from_utf8(kv.key) else { continue };
+            if let Ok(Key::Cache(sk)) = Key::parse(&k) {
+                w.present
+                    .entry((sk.cluster().clone(), sk.kind()))
+                    .or_default()
+                    .insert(k.clone());
+            }
+            w.written.insert(k, hash(&kv.value));
+        }
+        Ok(w)
+    }
+
+    fn put(&mut self, key: String, value: Vec<u8>) {
+        let h = hash(&value);
+        if self.written.get(&key) == Some(&h) {
+            return;
+        }
+        self.written.insert(key.clone(), h);
+        self.ops.push(Op::Put {
+            key,
+            value,
+            lease: None,
+        });
+    }
+
+    fn delete(&mut self, key: String) {
+        if self.written.remove(&key).is_some() {
+            self.ops.push(Op::Delete(key));
+        }
+    }
+
+    /// Applies one event to the pending writes.
+    pub fn apply(&mut self, ev: ClusterEvent) {
+        match ev {
+            ClusterEvent::Config { cluster, config } => {
+                self.put(Key::CacheClusterConfig(cluster).to_string(), keys::encode(&config));
+            }
+            ClusterEvent::Init { cluster, kind } => {
+                self.seen.insert((cluster, kind), HashSet::new());
+            }
+            ClusterEvent::Apply { cluster, key, value } => {
+                let id = (cluster, key.kind());
+                let k = Key::Cache(key).to_string();
+                let v = match &value {
+                    StateValue::Identity(e) => keys::encode(e),
+                    StateValue::Ip(e) => keys::encode(e),
+                    StateValue::Node(e) => keys::encode(e),
+                    StateValue::Service(e) => keys::encode(e),
+                };
+                if let Some(seen) = self.seen.get_mut(&id) {
+                    seen.insert(k.clone());
+                }
+                self.present.entry(id).or_default().insert(k.clone());
+                self.put(k, v);
+            }
+            ClusterEvent::Delete { cluster, key } => {
+                let id = (cluster, key.kind());
+                let k = Key::Cache(key).to_string();
+                if let Some(p) = self.present.get_mut(&id) {
+                    p.remove(&k);
+                }
+                if let Some(s) = self.seen.get_mut(&id) {
+                    s.remove(&k);
+                }
+                self.delete(k);
+            }
+            ClusterEvent::InitDone { cluster, kind } => {
+                let id = (cluster.clone(), kind);
+                let seen = self.seen.remove(&id).unwrap_or_default();
+                let stale: Vec<String> = self
+                    .present
+                    .get(&id)
+                    .map(|p| p.difference(&seen).cloned().collect())
+                    .unwrap_or_default();
+                for k in stale {
+                    self.delete(k);
+                }
+                self.present.insert(id, seen);
+                let marker = Key::CacheSynced { cluster, kind }.to_string();
+                if !self.written.contains_key(&marker) {
+                    let now = keys::encode_time(time::OffsetDateTime::now_utc());
+                    self.put(marker, now);
+                }
+            }
+            ClusterEvent::Drain { cluster } => self.drain(&cluster),
+        }
+    }
+
+    fn drain(&mut self, cluster: &ClusterName) {
+        for kind in StateKind::ALL {
+            let id = (cluster.clone(), kind);
+            self.seen.remove(&id);
+            for k in self.present.remove(&id).unwrap_or_default() {
+                self.delete(k);
+            }
+            self.delete(
+                Key::CacheSynced {
+                    cluster: cluster.clone(),
+                    kind,
+                }
+                .to_string(),
+            );
+        }
+        self.delete(Key::CacheClusterConfig(cluster.clone()).to_string());
+        self.delete(Key::CacheHeartbeat(cluster.clone()).to_string());
+    }
+
+    /// Mirrors a peer's heartbeat value.
+    pub fn heartbeat(&mut self, cluster: &ClusterName, at: time::OffsetDateTime) {
+        self.put(
+            Key::CacheHeartbeat(cluster.clone()).to_string(),
+            keys::encode_time(at),
+        );
+    }
+
+    /// Writes pending operations in transactions. On error the unsent operations stay
+    /// pending (puts and deletes are idempotent, so retrying is safe).
+    pub async fn flush(&mut self) -> Result<usize, KvError> {
+        let mut sent = 0;
+        while sent < self.ops.len() {
+            let end = (sent + TXN_OPS).min(self.ops.len());
+            let txn = Txn {
+                success: self.ops[sent..end].to_vec(),
+                ..Txn::default()
+            };
+            if let Err(e) = self.store.txn(txn).await {
+                self.ops.drain(..sent);
+                return Err(e);
+            }
+            sent = end;
+        }
+        self.ops.clear();
+        Ok(sent)
+    }
+
+    /// Pending operations.
+    pub fn pending(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Runs until the event channel closes: applies events in batches and flushes.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<ClusterEvent>) {
+        let mut backoff = meshd::backoff::Backoff::new(meshd::backoff::BackoffConfig::default());
+        while let Some(ev) = rx.recv().await {
+            self.apply(ev);
+            let mut n = 1;
+            while n < MAX_BATCH {
+                match rx.recv().now_or_never() {
+                    Some(Some(ev)) => {
+                        self.apply(ev);
+                        n += 1;
+                    }
+                    _ => break,
+                }
+            }
+            while let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "kvstoremesh: writing the cache failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            backoff.reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshd::kv::MemoryStore;
+    use meshd::model::{
+        Capabilities, ClusterConfig, ClusterId, Identity, IpCacheEntry, MaxConnectedClusters,
+    };
+
+    use super::*;
+    use meshd::keys::StateKey;
+
+    fn west() -> ClusterName {
+        ClusterName::new("west").unwrap()
+    }
+
+    fn ip_event(i: u8, local: u32) -> ClusterEvent {
+        let m = MaxConnectedClusters::C255;
+        let ip: std::net::IpAddr = [198, 18, 2, i].into();
+        ClusterEvent::Apply {
+            cluster: west(),
+            key: StateKey::Ip { cluster: west(), ip },
+            value: StateValue::Ip(IpCacheEntry {
+                ip,
+                prefix_len: 32,
+                identity: Identity::cluster_scoped(ClusterId::new(2, m).unwrap(), local, m)
+                    .unwrap(),
+                host_ip: None,
+                node: None,
+                namespace: None,
+                pod: None,
+                named_ports: Default::default(),
+            }),
+        }
+    }
+
+    fn list(writer: &mut CacheWriter, ips: &[u8]) {
+        writer.apply(ClusterEvent::Init {
+            cluster: west(),
+            kind: StateKind::Ip,
+        });
+        for i in ips {
+            writer.apply(ip_event(*i, 300));
+        }
+        writer.apply(ClusterEvent::InitDone {
+            cluster: west(),
+            kind: StateKind::Ip,
+        });
+    }
+
+    async fn cache_keys(store: &MemoryStore) -> Vec<String> {
+        store
+            .list_all("mesh/cache/", 100)
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| String::from_utf8(kv.key).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn mirrors_sweeps_without_churn_and_drains() {
+        let store = MemoryStore::new();
+        let mut w = CacheWriter::new(Arc::new(store.clone())).await.unwrap();
+        let m = MaxConnectedClusters::C255;
+        w.apply(ClusterEvent::Config {
+            cluster: west(),
+            config: ClusterConfig {
+                id: ClusterId::new(2, m).unwrap(),
+                name: west(),
+                max_connected_clusters: m,
+                capabilities: Capabilities::default(),
+            },
+        });
+        list(&mut w, &[1, 2, 3]);
+        w.heartbeat(&west(), time::OffsetDateTime::now_utc());
+        w.flush().await.unwrap();
+        let keys = cache_keys(&store).await;
+        assert!(keys.contains(&"mesh/cache/ip/v1/west/198.18.2.1".to_owned()));
+        assert!(keys.contains(&"mesh/cache/synced/west/ip".to_owned()));
+        assert!(keys.contains(&"mesh/cache/cluster-config/west".to_owned()));
+        assert!(keys.contains(&"mesh/cache/heartbeat/west".to_owned()));
+
+        // A restarted writer relisting the same data writes nothing; one key fewer →
+        // exactly one delete.
+        let rev = store.revision();
+        let mut w = CacheWriter::new(Arc::new(store.clone())).await.unwrap();
+        list(&mut w, &[1, 2]);
+        assert_eq!(w.pending(), 1, "only the sweep of 198.18.2.3");
+        w.flush().await.unwrap();
+        assert_eq!(store.revision(), rev + 1);
+        assert!(!cache_keys(&store).await.contains(&"mesh/cache/ip/v1/west/198.18.2.3".to_owned()));
+
+        // Live changes, then a drain removes everything of the peer.
+        w.apply(ip_event(2, 301));
+        w.apply(ClusterEvent::Delete {
+            cluster: west(),
+            key: StateKey::Ip {
+                cluster: west(),
+                ip: [198, 18, 2, 1].into(),
+            },
+        });
+        w.flush().await.unwrap();
+        assert_eq!(
+            store
+                .list_all("mesh/cache/ip/", 10)
+                .await
+                .unwrap()
+                .kvs
+                .len(),
+            1
+        );
+        w.apply(ClusterEvent::Drain { cluster: west() });
+        w.flush().await.unwrap();
+        assert!(cache_keys(&store).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn failed_writes_stay_pending() {
+        let store = MemoryStore::new();
+        let mut w = CacheWriter::new(Arc::new(store.clone())).await.unwrap();
+        list(&mut w, &(1..=250).collect::<Vec<u8>>());
+        store.fail_next(2);
+        assert!(w.flush().await.is_err());
+        assert!(w.pending() > 0);
+        assert!(w.flush().await.is_err());
+        w.flush().await.unwrap();
+        assert_eq!(store.list_all("mesh/cache/ip/", 1000).await.unwrap().kvs.len(), 250);
+    }
+}
