@@ -20,6 +20,7 @@
 mod status;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -200,6 +201,7 @@ pub struct RemoteCluster {
     name: ClusterName,
     status: watch::Receiver<PeerStatus>,
     stop: CancellationToken,
+    drain_on_stop: Arc<AtomicBool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -215,7 +217,9 @@ impl RemoteCluster {
     ) -> Self {
         let (tx, status) = watch::channel(PeerStatus::new(&name));
         let stop = CancellationToken::new();
+        let drain_on_stop = Arc::new(AtomicBool::new(true));
         let sup = Supervisor {
+            drain_on_stop: drain_on_stop.clone(),
             name: name.clone(),
             source,
             cfg,
@@ -231,6 +235,7 @@ impl RemoteCluster {
             name,
             status,
             stop,
+            drain_on_stop,
             task: Some(task),
         }
     }
@@ -250,8 +255,19 @@ impl RemoteCluster {
         self.status.clone()
     }
 
-    /// Stops the supervisor and waits until the cluster's data is drained.
+    /// Stops the supervisor and waits until the cluster's data is drained (the peer was
+    /// removed).
     pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// Stops the supervisor keeping the cluster's data in the consumers (a restart with a
+    /// changed credential, or process shutdown); a new supervisor's first list replaces it.
+    pub async fn stop_keep_data(mut self) {
+        self.drain_on_stop.store(false, Ordering::Relaxed);
         self.stop.cancel();
         if let Some(t) = self.task.take() {
             let _ = t.await;
@@ -267,6 +283,7 @@ impl Drop for RemoteCluster {
 }
 
 struct Supervisor {
+    drain_on_stop: Arc<AtomicBool>,
     name: ClusterName,
     source: ClusterSource,
     cfg: SupervisorConfig,
@@ -351,7 +368,7 @@ impl Supervisor {
                 down_since = None;
             }
         }
-        if !drained {
+        if !drained && self.drain_on_stop.load(Ordering::Relaxed) {
             self.drain().await;
         }
         self.ids.release(&self.name);

@@ -260,3 +260,20 @@ async fn unreachable_past_the_cache_ttl_drains() {
     assert!(start.elapsed() >= Duration::from_secs(30));
     r.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn stop_keep_data_does_not_drain() {
+    let store = MemoryStore::new();
+    seed(&store, 2, 1, time::OffsetDateTime::now_utc()).await;
+    let (r, mut rx) = spawn(&store, cfg(), &IdRegistry::default());
+    wait_state(&r, PeerState::Ready).await;
+    r.stop_keep_data().await;
+    let mut rest = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        rest.push(ev);
+    }
+    assert!(
+        !rest.iter().any(|e| matches!(e, ClusterEvent::Drain { .. })),
+        "{rest:?}"
+    );
+}
