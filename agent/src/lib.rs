@@ -6,3 +6,5 @@
 //! backends, ipcache, identities, nodes) → consumers: the eBPF datapath syncer
 //! (aya), the `clusterset.local` DNS server (hickory), policy computation, and the
 //! gRPC status API used by `meshctl status`.
+
+pub mod view;

@@ -63,7 +63,9 @@ impl CacheWriter {
             ops: Vec::new(),
         };
         for kv in all.kvs {
-            let Ok(k) = String::from_utf8(kv.key) else { continue };
+            let Ok(k) = String::from_utf8(kv.key) else {
+                continue;
+            };
             if let Ok(Key::Cache(sk)) = Key::parse(&k) {
                 w.present
                     .entry((sk.cluster().clone(), sk.kind()))
@@ -98,12 +100,19 @@ impl CacheWriter {
     pub fn apply(&mut self, ev: ClusterEvent) {
         match ev {
             ClusterEvent::Config { cluster, config } => {
-                self.put(Key::CacheClusterConfig(cluster).to_string(), keys::encode(&config));
+                self.put(
+                    Key::CacheClusterConfig(cluster).to_string(),
+                    keys::encode(&config),
+                );
             }
             ClusterEvent::Init { cluster, kind } => {
                 self.seen.insert((cluster, kind), HashSet::new());
             }
-            ClusterEvent::Apply { cluster, key, value } => {
+            ClusterEvent::Apply {
+                cluster,
+                key,
+                value,
+            } => {
                 let id = (cluster, key.kind());
                 let k = Key::Cache(key).to_string();
                 let v = match &value {
@@ -246,7 +255,10 @@ mod tests {
         let ip: std::net::IpAddr = [198, 18, 2, i].into();
         ClusterEvent::Apply {
             cluster: west(),
-            key: StateKey::Ip { cluster: west(), ip },
+            key: StateKey::Ip {
+                cluster: west(),
+                ip,
+            },
             value: StateValue::Ip(IpCacheEntry {
                 ip,
                 prefix_len: 32,
@@ -317,7 +329,11 @@ mod tests {
         assert_eq!(w.pending(), 1, "only the sweep of 198.18.2.3");
         w.flush().await.unwrap();
         assert_eq!(store.revision(), rev + 1);
-        assert!(!cache_keys(&store).await.contains(&"mesh/cache/ip/v1/west/198.18.2.3".to_owned()));
+        assert!(
+            !cache_keys(&store)
+                .await
+                .contains(&"mesh/cache/ip/v1/west/198.18.2.3".to_owned())
+        );
 
         // Live changes, then a drain removes everything of the peer.
         w.apply(ip_event(2, 301));
@@ -353,6 +369,14 @@ mod tests {
         assert!(w.pending() > 0);
         assert!(w.flush().await.is_err());
         w.flush().await.unwrap();
-        assert_eq!(store.list_all("mesh/cache/ip/", 1000).await.unwrap().kvs.len(), 250);
+        assert_eq!(
+            store
+                .list_all("mesh/cache/ip/", 1000)
+                .await
+                .unwrap()
+                .kvs
+                .len(),
+            250
+        );
     }
 }

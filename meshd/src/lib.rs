@@ -27,5 +27,6 @@ pub mod keys;
 pub mod kv;
 pub mod metrics;
 pub mod model;
+pub mod peers;
 pub mod reflector;
 pub mod remote;

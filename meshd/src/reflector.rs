@@ -33,6 +33,9 @@ use crate::kv::{KvError, KvStore, WatchEvent, WatchStream};
 use crate::metrics::{DropLabels, ReflectorMetrics, SourceLabels};
 use crate::model::ClusterName;
 
+/// One item of a reflector: an event, or an error it will retry after.
+pub type Item<C> = Result<Event<<C as Codec>::Key, <C as Codec>::Value>, ReflectorError>;
+
 /// How raw key/value pairs become typed entries.
 pub trait Codec: Send + Sync + 'static {
     /// Typed key.
@@ -330,9 +333,7 @@ impl<C: Codec> Reflector<C> {
 
     /// Like [`Self::into_stream`], with the number of entries delivered after each item
     /// (for status counts).
-    pub fn into_stream_with_len(
-        self,
-    ) -> impl Stream<Item = (Result<Event<C::Key, C::Value>, ReflectorError>, usize)> + Send
+    pub fn into_stream_with_len(self) -> impl Stream<Item = (Item<C>, usize)> + Send
     where
         C::Key: Send,
     {
