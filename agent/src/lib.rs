@@ -7,4 +7,5 @@
 //! (aya), the `clusterset.local` DNS server (hickory), policy computation, and the
 //! gRPC status API used by `meshctl status`.
 
+pub mod runtime;
 pub mod view;

@@ -380,3 +380,96 @@ mod tests {
         );
     }
 }
+
+/// kvstoremesh settings.
+#[derive(Debug, Clone)]
+pub struct KvStoreMeshConfig {
+    /// Supervisor settings (this cluster, mode, timeouts).
+    pub supervisor: meshd::remote::SupervisorConfig,
+    /// Directory of peer kubeconfigs (read directly: kvstoremesh talks to peers' etcd).
+    pub peers_dir: std::path::PathBuf,
+    /// How often peers' heartbeats are copied into the cache.
+    pub heartbeat_mirror: std::time::Duration,
+}
+
+/// Runs kvstoremesh until `shutdown`: a supervisor per peer reading the peer's etcd, and
+/// the cache writer; peers' heartbeats are mirrored so agents can watch peers' liveness.
+/// Returns the peers' statuses channel.
+pub async fn run(
+    local: Arc<dyn KvStore>,
+    cfg: KvStoreMeshConfig,
+    metrics: meshd::metrics::ReflectorMetrics,
+    statuses: tokio::sync::watch::Sender<Vec<meshd::remote::PeerStatus>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), KvError> {
+    use futures::StreamExt;
+    let writer = CacheWriter::new(local).await?;
+    let (tx, rx) = mpsc::channel(8192);
+    let (hb_tx, mut hb_rx) = mpsc::channel::<(ClusterName, time::OffsetDateTime)>(64);
+    let mut manager = meshd::remote::PeerManager::new(
+        cfg.supervisor.clone(),
+        metrics,
+        tx.clone(),
+        Box::new(|cred| meshd::remote::ClusterSource::Direct(cred.to_etcd_config())),
+    );
+    // The writer owns the cache; heartbeats reach it through the event channel's order.
+    let writer_task = tokio::spawn(async move {
+        let mut writer = writer;
+        let mut rx = rx;
+        let mut backoff = meshd::backoff::Backoff::new(meshd::backoff::BackoffConfig::default());
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    writer.apply(ev);
+                    for _ in 0..MAX_BATCH {
+                        match rx.recv().now_or_never() {
+                            Some(Some(ev)) => writer.apply(ev),
+                            _ => break,
+                        }
+                    }
+                }
+                hb = hb_rx.recv() => {
+                    let Some((c, t)) = hb else { break };
+                    writer.heartbeat(&c, t);
+                }
+            }
+            while let Err(e) = writer.flush().await {
+                tracing::warn!(error = %e, "kvstoremesh: writing the cache failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            backoff.reset();
+        }
+    });
+    let mut peers =
+        meshd::peers::PeerDirWatcher::new(cfg.peers_dir.clone()).run(shutdown.child_token());
+    let mut tick = tokio::time::interval(cfg.heartbeat_mirror);
+    let mut mirrored: std::collections::HashMap<ClusterName, time::OffsetDateTime> =
+        std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            ev = peers.next() => match ev {
+                Some(ev) => manager.handle(ev).await,
+                None => break,
+            },
+            _ = tick.tick() => {
+                let st = manager.statuses();
+                for s in &st {
+                    if let Some(t) = s.last_heartbeat
+                        && mirrored.get(&s.name) != Some(&t)
+                    {
+                        mirrored.insert(s.name.clone(), t);
+                        let _ = hb_tx.send((s.name.clone(), t)).await;
+                    }
+                }
+                statuses.send_replace(st);
+            }
+        }
+    }
+    manager.shutdown().await;
+    drop(tx);
+    drop(hb_tx);
+    let _ = writer_task.await;
+    Ok(())
+}

@@ -13,6 +13,7 @@
 
 pub mod etcd;
 pub mod exporter;
+pub mod mesh;
 pub mod mirror;
 pub mod objects;
 

@@ -17,6 +17,7 @@
 //! until `cache_ttl` (zero means forever) expires; then, and when the supervisor is
 //! stopped (peer removed), a `Drain` event removes exactly that peer's data.
 
+mod manager;
 mod status;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use self::manager::{PeerManager, SourceFor};
 pub use self::status::{PeerState, PeerStatus};
 
 #[cfg(test)]
