@@ -113,6 +113,11 @@ impl TestCluster {
 
     /// Starts an agent of this cluster.
     pub fn start_agent(&self, access: PeerAccess) -> Agent {
+        self.start_agent_with(access, ReflectorMetrics::default())
+    }
+
+    /// Starts an agent of this cluster counting into `metrics`.
+    pub fn start_agent_with(&self, access: PeerAccess, metrics: ReflectorMetrics) -> Agent {
         let mut supervisor = supervisor_config(&self.name, self.id);
         if access == PeerAccess::Cached {
             // The cache's heartbeat copy moves only when kvstoremesh sees a new one.
@@ -125,7 +130,7 @@ impl TestCluster {
                 access,
             },
             self.store.clone(),
-            ReflectorMetrics::default(),
+            metrics,
         )
     }
 
