@@ -7,5 +7,8 @@
 //! (aya), the `clusterset.local` DNS server (hickory), policy computation, and the
 //! gRPC status API used by `meshctl status`.
 
+pub mod api;
+pub mod app;
+pub mod metrics;
 pub mod runtime;
 pub mod view;

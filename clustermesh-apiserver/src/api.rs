@@ -1,95 +1,41 @@
 //! The `mesh.v1.ClusterMesh` gRPC API of the apiserver, served over mTLS with hot-reloaded certificates.
 //!
 //! ```text
-//!  TcpListener ─accept─► spawned handshake (tokio-rustls, ≤ HANDSHAKE_TIMEOUT) ─► channel
-//!                                                                                 │
-//!  tonic Server::serve_with_incoming_shutdown(ClusterMeshServer<ClusterMeshApi>) ◄┘
+//!  ExportStatus (watch) ──► GetStatus
+//!  etcd mesh/state/<kind>/v1/<cluster>/… ──► ListServices / ListIdentities / ListIpCache
+//!  ClusterMeshApi ─routes─► mesh_proto::server::serve_mtls (TLS accept loop, reloaded cert)
 //! ```
 //!
-//! The server certificate is resolved per handshake from the [`rustls::ServerConfig`]'s
-//! resolver; built by [`server_tls`] that is a [`ReloadingCertKey`], so rotated files are
-//! served to new connections without a restart (tonic's own `ServerTlsConfig` takes a fixed
-//! identity, hence our own acceptor). Client certificates must chain to the cluster CA.
-//!
-//! `GetStatus` answers from the exporter's [`ExportStatus`]; `ListServices` and
-//! `ListIdentities` read what is exported in etcd (the source of truth of what peers see).
+//! `GetStatus` answers from the exporter's [`ExportStatus`]; the list calls read what is
+//! exported in etcd (the source of truth of what peers see). Serving (TLS handshakes,
+//! certificate reload, graceful shutdown) is [`mesh_proto::server`], shared with the agent.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
-use mesh_certs::{CertError, ReloadingCertKey};
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::cluster_mesh_server::{ClusterMesh, ClusterMeshServer};
 use meshd::keys::{self, IdentityScope, Key, StateKind, StateValue};
 use meshd::kv::{KeyValue, KvError, KvStore};
-use meshd::model::{Affinity, ClusterName, ClusterService, IdentityEntry};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
+use meshd::model::{Affinity, ClusterName, ClusterService, IdentityEntry, IpCacheEntry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use crate::export::{ExportConfig, ExportStatus};
 
+pub use mesh_proto::server::{HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE, server_tls};
+
 /// The component name reported by `GetStatus`.
 pub const COMPONENT: &str = "clustermesh-apiserver";
-/// How long one TLS handshake may take before the connection is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for open connections to finish before returning anyway.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// TLS handshakes in flight at most; further connections wait in the listen backlog.
-const MAX_HANDSHAKES: usize = 256;
-/// Handshaken connections queued for tonic.
-const QUEUE: usize = 64;
 /// Keys per page when listing etcd.
 const LIST_PAGE: usize = 1000;
 
-/// Why serving the API failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// The TLS material could not be loaded or watched.
-    #[error("gRPC API: {step}: {source}")]
-    Tls {
-        /// The step that failed.
-        step: &'static str,
-        /// Cause.
-        #[source]
-        source: CertError,
-    },
-    /// The gRPC server failed.
-    #[error("gRPC API: serving: {source}")]
-    Serve {
-        /// Cause.
-        #[source]
-        source: tonic::transport::Error,
-    },
-}
-
-/// The server TLS config of the API: `cert_path`/`key_path` are watched and reloaded on
-/// change ([`ReloadingCertKey`]); clients must present a certificate signed by
-/// `client_ca_pem`. Returns the config and the reloading pair (for its generation/info).
-pub fn server_tls(
-    cert_path: PathBuf,
-    key_path: PathBuf,
-    client_ca_pem: &str,
-) -> Result<(Arc<rustls::ServerConfig>, Arc<ReloadingCertKey>), ApiError> {
-    let pair = ReloadingCertKey::watch(cert_path, key_path).map_err(|source| ApiError::Tls {
-        step: "load and watch the server certificate",
-        source,
-    })?;
-    let config =
-        mesh_certs::server_config(pair.clone(), client_ca_pem).map_err(|source| ApiError::Tls {
-            step: "build the server TLS config",
-            source,
-        })?;
-    Ok((config, pair))
-}
+/// Why serving the API failed (the shared server's error).
+pub type ApiError = mesh_proto::server::ServeError;
 
 /// The `ClusterMesh` service of one cluster's apiserver.
 #[derive(Debug, Clone)]
@@ -113,6 +59,11 @@ impl ClusterMeshApi {
     /// The tonic service wrapping this API.
     pub fn into_service(self) -> ClusterMeshServer<Self> {
         ClusterMeshServer::new(self)
+    }
+
+    /// The gRPC routes serving this API (for [`mesh_proto::server::serve_mtls`]).
+    pub fn routes(self) -> Routes {
+        Routes::new(self.into_service())
     }
 
     fn scope(&self) -> IdentityScope {
@@ -214,6 +165,32 @@ impl ClusterMesh for ClusterMeshApi {
         identities.sort_by_key(|i| i.id);
         Ok(Response::new(pb::ListIdentitiesResponse { identities }))
     }
+
+    async fn list_ip_cache(
+        &self,
+        request: Request<pb::ListIpCacheRequest>,
+    ) -> Result<Response<pb::ListIpCacheResponse>, Status> {
+        let req = request.into_inner();
+        let filter = validate(None, &req.cluster)?;
+        if !self.selects(&filter) {
+            return Ok(Response::new(pb::ListIpCacheResponse::default()));
+        }
+        let prefix = keys::state_prefix(StateKind::Ip, &self.cfg.cluster);
+        let kvs = self.list("list ipcache entries", &prefix).await?;
+        let mut entries: Vec<(IpAddr, pb::IpCacheEntry)> = kvs
+            .iter()
+            .filter_map(|kv| decode(&self.cfg.cluster, StateKind::Ip, self.scope(), kv))
+            .filter_map(|v| match v {
+                StateValue::Ip(e) => Some((e.ip, ip_cache_entry_to_proto(&e, &self.cfg.cluster))),
+                _ => None,
+            })
+            .collect();
+        // etcd orders keys as text; order by address.
+        entries.sort_by_key(|(ip, _)| *ip);
+        Ok(Response::new(pb::ListIpCacheResponse {
+            entries: entries.into_iter().map(|(_, e)| e).collect(),
+        }))
+    }
 }
 
 /// Validated filters of a list request.
@@ -226,35 +203,10 @@ struct Filter {
 /// Checks the filters of a list request (empty = no filter): a namespace must be an
 /// RFC 1123 label, a cluster a valid cluster name.
 fn validate(namespace: Option<&str>, cluster: &str) -> Result<Filter, Status> {
-    let namespace = match namespace {
-        None | Some("") => None,
-        Some(ns) if is_dns_label(ns) => Some(ns.to_owned()),
-        Some(ns) => {
-            return Err(Status::invalid_argument(format!(
-                "namespace filter {ns:?} is not an RFC 1123 label \
-                 (lowercase alphanumerics and '-', at most 63 characters)"
-            )));
-        }
-    };
-    let cluster = match cluster {
-        "" => None,
-        c => Some(
-            ClusterName::new(c)
-                .map_err(|e| Status::invalid_argument(format!("cluster filter: {e}")))?,
-        ),
-    };
-    Ok(Filter { namespace, cluster })
-}
-
-/// RFC 1123 label of at most 63 characters.
-fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+    Ok(Filter {
+        namespace: mesh_proto::filter::namespace(namespace.unwrap_or_default())?,
+        cluster: mesh_proto::filter::cluster(cluster, ClusterName::new)?,
+    })
 }
 
 /// A store error as `UNAVAILABLE`, naming the step.
@@ -342,6 +294,7 @@ pub fn status_to_proto(status: &ExportStatus, cfg: &ExportConfig) -> pb::Cluster
         peers: Vec::new(),
         datapath: String::new(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        peer_config_errors: Vec::new(),
     }
 }
 
@@ -377,10 +330,14 @@ pub fn service_to_proto(s: &ClusterService, cluster_set_ip: Option<IpAddr>) -> p
                 node: b.node.clone().unwrap_or_default(),
                 zone: b.zone.clone().unwrap_or_default(),
                 cluster: s.cluster.to_string(),
+                // The apiserver does not route: a backend is "active" when ready.
+                active: b.ready,
             })
             .collect(),
         cluster_set_ip: cluster_set_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         export_created_unix: s.export_created.map_or(0, |t| t.unix_timestamp()),
+        clusters: vec![s.cluster.to_string()],
+        conflicts: Vec::new(),
     }
 }
 
@@ -390,6 +347,20 @@ pub fn identity_to_proto(e: &IdentityEntry, cluster: &ClusterName) -> pb::Identi
         id: e.id.get(),
         cluster: cluster.to_string(),
         labels: e.labels.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// An exported ipcache entry of `cluster` as `IpCacheEntry`.
+pub fn ip_cache_entry_to_proto(e: &IpCacheEntry, cluster: &ClusterName) -> pb::IpCacheEntry {
+    pb::IpCacheEntry {
+        ip: e.ip.to_string(),
+        prefix_len: u32::from(e.prefix_len),
+        identity: e.identity.get(),
+        cluster: cluster.to_string(),
+        host_ip: e.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        node: e.node.clone().unwrap_or_default(),
+        namespace: e.namespace.clone().unwrap_or_default(),
+        pod: e.pod.clone().unwrap_or_default(),
     }
 }
 
@@ -409,96 +380,16 @@ fn affinity_str(a: Affinity) -> &'static str {
     }
 }
 
-/// Serves `api` on `listener` over mTLS (`tls`, e.g. from [`server_tls`]) until `shutdown`.
-///
-/// Each accepted connection is TLS-handshaken in its own task (bounded by
-/// [`HANDSHAKE_TIMEOUT`]; failures are logged at debug and do not stop the server) and
-/// handed to tonic. On `shutdown` the listener is closed, open connections are asked to
-/// finish (HTTP/2 GOAWAY) and the call returns when they have, or after [`SHUTDOWN_GRACE`].
+/// Serves `api` on `listener` over mTLS (`tls`, e.g. from [`server_tls`]) until `shutdown`;
+/// see [`mesh_proto::server::serve_mtls`] (handshakes bounded by [`HANDSHAKE_TIMEOUT`],
+/// graceful shutdown within [`SHUTDOWN_GRACE`]).
 pub async fn serve_grpc(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     api: ClusterMeshApi,
     shutdown: CancellationToken,
 ) -> Result<(), ApiError> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving the gRPC API (mTLS)");
-    }
-    let (tx, rx) = mpsc::channel::<TlsStream<TcpStream>>(QUEUE);
-    let stop_accepting = shutdown.child_token();
-    let accept = accept_loop(listener, TlsAcceptor::from(tls), tx, stop_accepting.clone());
-    let incoming =
-        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
-    let server = tonic::transport::Server::builder()
-        .add_service(api.into_service())
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-    let serve = async {
-        let grace = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        };
-        let result = tokio::select! {
-            r = server => r.map_err(|source| ApiError::Serve { source }),
-            () = grace => {
-                tracing::warn!(grace = ?SHUTDOWN_GRACE, "gRPC connections still open after the shutdown grace period; returning");
-                Ok(())
-            }
-        };
-        // The server is done (shutdown or error): stop accepting too.
-        stop_accepting.cancel();
-        result
-    };
-    let ((), result) = tokio::join!(accept, serve);
-    result
-}
-
-/// Accepts TCP connections and handshakes them in tasks that feed `tx`, until `stop`.
-/// Dropping the listener at the end closes the port.
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    tx: mpsc::Sender<TlsStream<TcpStream>>,
-    stop: CancellationToken,
-) {
-    let mut handshakes = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
-            accepted = listener.accept(), if handshakes.len() < MAX_HANDSHAKES => {
-                let (tcp, peer) = match accepted {
-                    Ok(c) => c,
-                    Err(error) => {
-                        // E.g. out of file descriptors: do not spin.
-                        tracing::warn!(%error, "accepting a gRPC connection failed");
-                        tokio::select! {
-                            () = stop.cancelled() => break,
-                            () = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                        }
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                handshakes.spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            // A closed channel means the server is shutting down.
-                            let _ = tx.send(tls).await;
-                        }
-                        Ok(Err(error)) => {
-                            tracing::debug!(%peer, %error, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out");
-                        }
-                    }
-                });
-            }
-        }
-    }
-    // Pending handshakes are aborted with the set.
-    handshakes.shutdown().await;
+    mesh_proto::server::serve_mtls(listener, tls, api.routes(), shutdown).await
 }
 
 #[cfg(test)]
@@ -636,6 +527,27 @@ mod tests {
         assert_eq!(p.backends[0].cluster, "east");
         assert_eq!(p.cluster_set_ip, "198.19.0.1");
         assert_eq!(p.export_created_unix, 1_700_000_000);
+        assert!(p.backends[0].active, "a ready backend is active");
+        assert_eq!(p.clusters, ["east"]);
+        assert!(p.conflicts.is_empty());
+
+        let ipc = IpCacheEntry {
+            ip: "198.18.0.1".parse().unwrap(),
+            prefix_len: 32,
+            identity: Identity::from_raw(65792).unwrap(),
+            host_ip: Some("10.0.0.9".parse().unwrap()),
+            node: Some("n1".into()),
+            namespace: Some("default".into()),
+            pod: None,
+            named_ports: BTreeMap::new(),
+        };
+        let p = ip_cache_entry_to_proto(&ipc, &east);
+        assert_eq!(
+            (p.ip.as_str(), p.prefix_len, p.identity, p.cluster.as_str()),
+            ("198.18.0.1", 32, 65792, "east")
+        );
+        assert_eq!((p.host_ip.as_str(), p.node.as_str()), ("10.0.0.9", "n1"));
+        assert_eq!((p.namespace.as_str(), p.pod.as_str()), ("default", ""));
 
         let e = IdentityEntry {
             id: Identity::from_raw(65792).unwrap(),

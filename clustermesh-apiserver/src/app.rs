@@ -59,6 +59,21 @@ pub struct Args {
     /// How long an identity must stay unused before it is deleted.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     pub identity_gc_grace: Duration,
+    /// Directory of peer kubeconfigs (`<peer>.kubeconfig`); kvstoremesh mirrors each peer
+    /// into this cluster's etcd under `mesh/cache/`.
+    #[arg(long, env = "MESH_PEERS_DIR")]
+    pub peers_dir: Option<PathBuf>,
+    /// Run kvstoremesh (needs --peers-dir). `--kvstoremesh false` leaves peers to agents
+    /// reading them directly.
+    #[arg(long, env = "MESH_KVSTOREMESH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kvstoremesh: bool,
+    /// How long kvstoremesh keeps an unreachable peer's data (0 = forever).
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub remote_cache_ttl: Duration,
+    /// CIDR from which every global service of the mesh gets a ClusterSetIP in this
+    /// cluster (unset: no ClusterSetIPs).
+    #[arg(long, env = "MESH_CLUSTERSET_CIDR")]
+    pub clusterset_cidr: Option<ipnet::IpNet>,
 }
 
 /// Why the process could not start or run.
@@ -93,6 +108,12 @@ pub enum AppError {
     /// The health server failed.
     #[error("health server: {0}")]
     Health(std::io::Error),
+    /// kvstoremesh failed for good.
+    #[error("kvstoremesh: {0}")]
+    KvStoreMesh(meshd::kv::KvError),
+    /// ClusterSetIP allocation failed for good.
+    #[error(transparent)]
+    ClusterSet(#[from] crate::clusterset::ClusterSetError),
 }
 
 impl Args {
@@ -139,8 +160,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     );
 
     let metrics = ExportMetrics::default();
+    let reflector_metrics = meshd::metrics::ReflectorMetrics::default();
+    let clusterset_cfg = args
+        .clusterset_cidr
+        .map(crate::clusterset::ClusterSetConfig::new);
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    reflector_metrics.register(&mut registry);
+    if let Some(c) = &clusterset_cfg {
+        c.metrics.register(&mut registry);
+    }
     let registry = Arc::new(registry);
     let (status_tx, status) = watch::channel(ExportStatus::default());
 
@@ -168,6 +197,40 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             r
         }
     });
+    if let (Some(peers_dir), true) = (args.peers_dir.clone(), args.kvstoremesh) {
+        let mut supervisor =
+            meshd::remote::SupervisorConfig::new(cfg.cluster.clone(), cfg.cluster_id, cfg.mode);
+        supervisor.cache_ttl = args.remote_cache_ttl;
+        let kcfg = crate::kvstoremesh::KvStoreMeshConfig {
+            supervisor,
+            peers_dir,
+            heartbeat_mirror: Duration::from_secs(1),
+        };
+        let (peers_tx, _peers) = watch::channel(Vec::new());
+        tasks.spawn({
+            let (stop, store, m) = (stop.clone(), store.clone(), reflector_metrics.clone());
+            async move {
+                let r = crate::kvstoremesh::run(store, kcfg, m, peers_tx, stop.clone())
+                    .await
+                    .map_err(AppError::KvStoreMesh);
+                stop.cancel();
+                r
+            }
+        });
+    }
+    if let Some(mut ccfg) = clusterset_cfg {
+        ccfg.reflector_metrics = reflector_metrics.clone();
+        tasks.spawn({
+            let (stop, store) = (stop.clone(), store.clone());
+            async move {
+                let r = crate::clusterset::run(store, ccfg, stop.clone())
+                    .await
+                    .map_err(AppError::from);
+                stop.cancel();
+                r
+            }
+        });
+    }
     let source = Box::new(ManifestSource::new(args.manifests.clone()));
     tasks.spawn({
         let stop = stop.clone();

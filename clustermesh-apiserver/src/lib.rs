@@ -10,6 +10,7 @@ pub mod allocator;
 pub mod api;
 pub mod app;
 pub mod bootstrap;
+pub mod clusterset;
 pub mod export;
 pub mod health;
 pub mod kvstoremesh;

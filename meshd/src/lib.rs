@@ -15,6 +15,7 @@
 //! - [`reflector`]: list + watch + relist/sweep with backoff, as a stream of
 //!   [`reflector::Event`]s; undecodable entries are dropped and counted.
 //! - [`backoff`], [`metrics`]: shared retry policy and Prometheus counters.
+//! - [`health`]: the plain-HTTP `/healthz`, `/readyz`, `/metrics` server every binary runs.
 //!
 //! The core knows no gRPC server, no aya and no DNS; binaries and the agent/apiserver
 //! crates build on it. `meshctl` lives in `src/bin/meshctl.rs` with its logic in [`ctl`].
@@ -23,6 +24,7 @@ pub mod args;
 pub mod backoff;
 pub mod ctl;
 pub mod events;
+pub mod health;
 pub mod keys;
 pub mod kv;
 pub mod metrics;

@@ -1,8 +1,15 @@
 //! mesh-proto: the meshd gRPC API.
 //!
-//! `.proto` files live in `proto/proto/mesh/v1/`; `build.rs` runs protoc through
-//! tonic-prost-build and this crate re-exports the generated client and server code.
-//! Servers (apiserver, agent) implement the generated traits; meshctl uses the clients.
+//! ```text
+//!  proto/mesh/v1/*.proto ─build.rs (tonic-prost-build)─► v1 (messages, clients, server traits)
+//!  servers (apiserver, agent): impl v1::cluster_mesh_server::ClusterMesh
+//!      ─► filter (shared request validation) ─► server::serve_mtls (TLS accept loop,
+//!         hot-reloaded certificate from server::server_tls, graceful shutdown)
+//!  meshctl: v1::cluster_mesh_client
+//! ```
+
+pub mod filter;
+pub mod server;
 
 #[allow(
     missing_docs,

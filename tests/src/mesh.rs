@@ -39,6 +39,7 @@ pub struct TestCluster {
     /// Peers directory (kvstoremesh and agents of this cluster read it).
     pub peers_dir: tempfile::TempDir,
     kvstoremesh: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    background: Vec<(CancellationToken, tokio::task::JoinHandle<()>)>,
     /// kvstoremesh's view of its peers.
     pub kvstoremesh_status: Option<watch::Receiver<Vec<PeerStatus>>>,
 }
@@ -85,6 +86,7 @@ impl TestCluster {
             peers_dir: tempfile::tempdir()?,
             kvstoremesh: None,
             kvstoremesh_status: None,
+            background: Vec::new(),
         })
     }
 
@@ -109,6 +111,23 @@ impl TestCluster {
         });
         self.kvstoremesh = Some((shutdown, task));
         self.kvstoremesh_status = Some(rx);
+    }
+
+    /// Starts ClusterSetIP allocation from `cidr` (the apiserver's job) until the cluster
+    /// is dropped.
+    pub fn start_clusterset(&mut self, cidr: &str) -> anyhow::Result<()> {
+        let cfg = clustermesh_apiserver::clusterset::ClusterSetConfig::new(cidr.parse()?);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let (store, shutdown) = (self.store.clone(), shutdown.clone());
+            async move {
+                if let Err(e) = clustermesh_apiserver::clusterset::run(store, cfg, shutdown).await {
+                    tracing::error!(error = %e, "clusterset allocation failed");
+                }
+            }
+        });
+        self.background.push((shutdown, task));
+        Ok(())
     }
 
     /// Starts an agent of this cluster.
@@ -182,6 +201,10 @@ pub async fn connect(a: &TestCluster, b: &TestCluster) -> anyhow::Result<()> {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        for (t, task) in self.background.drain(..) {
+            t.cancel();
+            task.abort();
+        }
         if let Some((t, task)) = self.kvstoremesh.take() {
             t.cancel();
             task.abort();

@@ -182,8 +182,24 @@ async fn three_clusters_merged_through_kvstoremesh() {
     east.start_kvstoremesh();
     west.start_kvstoremesh();
     north.start_kvstoremesh();
+    east.start_clusterset("198.19.128.0/20").unwrap();
     let agent = east.start_agent(PeerAccess::Cached);
     check_merged(&agent, &east).await;
+    // The remote-only service has a ClusterSetIP in east (allocated by east's apiserver
+    // from what kvstoremesh mirrored), so east's users can reach it.
+    let h = agent.handles();
+    wait_for("ClusterSetIP of billing/invoices", &h, |h| {
+        let snap = h.services.borrow().clone();
+        snap.service("billing", "invoices")
+            .and_then(|s| s.clusterset_ip)
+            .is_some_and(|ip| {
+                "198.19.128.0/20"
+                    .parse::<ipnet::IpNet>()
+                    .unwrap()
+                    .contains(&ip)
+            })
+    })
+    .await;
 
     // A backend added in west's source reaches east's agent through west's etcd and
     // east's cache.

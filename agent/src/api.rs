@@ -1,0 +1,550 @@
+//! The agent's `mesh.v1.ClusterMesh` gRPC API: status and the merged view, read from `ViewHandles`.
+//!
+//! ```text
+//!  ViewHandles ─ status ─────► GetStatus (ready, why not, every peer)
+//!              ─ services ───► ListServices  (merged across clusters)
+//!              ─ identities ─► ListIdentities (all clusters)
+//!              ─ ipcache ────► ListIpCache    (the winning entry per IP)
+//!  AgentApi ─routes─► mesh_proto::server::serve_mtls (shared with the apiserver)
+//! ```
+//!
+//! Every call reads the latest published snapshot (an `Arc`, cloned out of the watch
+//! channel before any conversion), so calls never hold up the view's writer.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::cluster_mesh_server::{ClusterMesh, ClusterMeshServer};
+use meshd::model::{
+    Affinity, ClusterId, ClusterName, IdentityEntry, IpCacheEntry, MaxConnectedClusters, Protocol,
+};
+use meshd::remote::{PeerStatus, SupervisorConfig};
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+
+use crate::runtime::{AgentStatus, ViewHandles};
+use crate::view::{ClusterEntry, MergedService};
+
+/// The component name reported by `GetStatus`.
+pub const COMPONENT: &str = "mesh-agent";
+/// The datapath reported by `GetStatus` (no datapath is wired into the agent yet).
+pub const DATAPATH: &str = "none";
+
+/// The `ClusterMesh` service of one agent.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    cluster: ClusterName,
+    cluster_id: ClusterId,
+    mode: MaxConnectedClusters,
+    handles: ViewHandles,
+}
+
+impl AgentApi {
+    /// An API for the agent of `cfg.local`, answering from `handles`.
+    pub fn new(cfg: &SupervisorConfig, handles: ViewHandles) -> Self {
+        Self {
+            cluster: cfg.local.clone(),
+            cluster_id: cfg.local_id,
+            mode: cfg.mode,
+            handles,
+        }
+    }
+
+    /// The tonic service wrapping this API.
+    pub fn into_service(self) -> ClusterMeshServer<Self> {
+        ClusterMeshServer::new(self)
+    }
+
+    /// The gRPC routes serving this API (for [`mesh_proto::server::serve_mtls`]).
+    pub fn routes(self) -> Routes {
+        Routes::new(self.into_service())
+    }
+
+    /// IDs of the clusters the agent knows (its own and every peer whose config was read).
+    fn cluster_ids(&self) -> HashMap<ClusterName, u32> {
+        let status = self.handles.status.borrow();
+        status
+            .peers
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), u32::from(p.cluster_id?.get()))))
+            .chain([(self.cluster.clone(), u32::from(self.cluster_id.get()))])
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterMesh for AgentApi {
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let status = self.handles.status.borrow().clone();
+        Ok(Response::new(status_to_proto(
+            &status,
+            &self.cluster,
+            self.cluster_id,
+            self.mode,
+        )))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let req = request.into_inner();
+        let filter = validate(&req.namespace, &req.cluster)?;
+        let ids = self.cluster_ids();
+        let snap = self.handles.services.borrow().clone();
+        let services = snap
+            .entries
+            .values()
+            .filter(|s| {
+                filter
+                    .namespace
+                    .as_ref()
+                    .is_none_or(|ns| *ns == s.namespace)
+            })
+            .filter(|s| {
+                filter
+                    .cluster
+                    .as_ref()
+                    .is_none_or(|c| s.clusters.contains(c))
+            })
+            .map(|s| {
+                let id = s.clusters.first().and_then(|c| ids.get(c)).copied();
+                merged_service_to_proto(s, id.unwrap_or(0))
+            })
+            .collect();
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn list_identities(
+        &self,
+        request: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
+        let filter = validate("", &request.into_inner().cluster)?;
+        let snap = self.handles.identities.borrow().clone();
+        let mut identities: Vec<pb::Identity> = snap
+            .entries
+            .values()
+            .filter(|e| filter.selects(&e.cluster))
+            .map(|e| identity_to_proto(&e.value, &e.cluster))
+            .collect();
+        identities.sort_by(|a, b| (&a.cluster, a.id).cmp(&(&b.cluster, b.id)));
+        Ok(Response::new(pb::ListIdentitiesResponse { identities }))
+    }
+
+    async fn list_ip_cache(
+        &self,
+        request: Request<pb::ListIpCacheRequest>,
+    ) -> Result<Response<pb::ListIpCacheResponse>, Status> {
+        let filter = validate("", &request.into_inner().cluster)?;
+        let snap = self.handles.ipcache.borrow().clone();
+        let mut entries: Vec<(&ClusterName, IpAddr, pb::IpCacheEntry)> = snap
+            .entries
+            .iter()
+            .filter(|(_, e)| filter.selects(&e.cluster))
+            .map(|(ip, e)| (&e.cluster, *ip, ip_cache_entry_to_proto(e)))
+            .collect();
+        entries.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        Ok(Response::new(pb::ListIpCacheResponse {
+            entries: entries.into_iter().map(|(_, _, e)| e).collect(),
+        }))
+    }
+}
+
+/// Validated filters of a list request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Filter {
+    namespace: Option<String>,
+    cluster: Option<ClusterName>,
+}
+
+impl Filter {
+    /// Whether the cluster filter selects `cluster`.
+    fn selects(&self, cluster: &ClusterName) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c == cluster)
+    }
+}
+
+/// Checks the filters of a list request (empty = no filter): a namespace must be an
+/// RFC 1123 label, a cluster a valid cluster name; otherwise `INVALID_ARGUMENT`.
+fn validate(namespace: &str, cluster: &str) -> Result<Filter, Status> {
+    Ok(Filter {
+        namespace: mesh_proto::filter::namespace(namespace)?,
+        cluster: mesh_proto::filter::cluster(cluster, ClusterName::new)?,
+    })
+}
+
+/// Why the agent is not ready, or `None` when it is: which sources are not ready and why.
+pub fn not_ready_reason(status: &AgentStatus) -> Option<String> {
+    if status.ready {
+        return None;
+    }
+    let mut parts = Vec::new();
+    match &status.local {
+        None => parts.push("local cluster: not started".to_owned()),
+        Some(l) if !l.is_ready() => parts.push(format!("local cluster {}", describe(l))),
+        Some(_) => {}
+    }
+    parts.extend(
+        status
+            .peers
+            .iter()
+            .filter(|p| !p.is_ready())
+            .map(|p| format!("peer {}", describe(p))),
+    );
+    if parts.is_empty() {
+        // Every source is ready: only the first read of the peers directory is missing.
+        parts.push("the peers directory has not been read yet".to_owned());
+    }
+    Some(format!("not ready: {}", parts.join("; ")))
+}
+
+/// `<name>: <state>[ (last error: …)]`.
+fn describe(p: &PeerStatus) -> String {
+    match &p.last_error {
+        Some(e) => format!("{}: {} (last error: {e})", p.name, p.state),
+        None => format!("{}: {}", p.name, p.state),
+    }
+}
+
+/// The agent's status as `ClusterStatus`: the local cluster's supervisor fills the
+/// etcd/count fields, every peer a `PeerStatus`.
+pub fn status_to_proto(
+    status: &AgentStatus,
+    cluster: &ClusterName,
+    cluster_id: ClusterId,
+    mode: MaxConnectedClusters,
+) -> pb::ClusterStatus {
+    let local = status.local.as_ref();
+    let expiry: HashMap<&str, i64> = status
+        .peer_cert_not_after
+        .iter()
+        .filter_map(|(name, t)| Some((name.as_str(), (*t)?)))
+        .collect();
+    pb::ClusterStatus {
+        component: COMPONENT.to_owned(),
+        cluster: cluster.to_string(),
+        cluster_id: u32::from(cluster_id.get()),
+        max_connected_clusters: u32::from(mode.get()),
+        ready: status.ready,
+        not_ready_reason: not_ready_reason(status).unwrap_or_default(),
+        etcd_reachable: local.is_some_and(|l| l.connected),
+        export_counts: local
+            .map(|l| l.counts.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        synced_kinds: local.map_or_else(Vec::new, |l| {
+            l.synced.iter().map(|k| k.as_str().to_owned()).collect()
+        }),
+        last_error: local.and_then(|l| l.last_error.clone()).unwrap_or_default(),
+        errors: local.map_or(0, |l| l.failures),
+        peers: status
+            .peers
+            .iter()
+            .map(|p| peer_to_proto(p, expiry.get(p.name.as_str()).copied()))
+            .collect(),
+        datapath: DATAPATH.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        peer_config_errors: status
+            .peer_errors
+            .iter()
+            .map(|(file, e)| format!("{file}: {e}"))
+            .collect(),
+    }
+}
+
+/// One peer's supervisor status as `PeerStatus` (`cert_not_after`: Unix seconds).
+pub fn peer_to_proto(p: &PeerStatus, cert_not_after: Option<i64>) -> pb::PeerStatus {
+    pb::PeerStatus {
+        name: p.name.to_string(),
+        cluster_id: p.cluster_id.map_or(0, |id| u32::from(id.get())),
+        state: p.state.as_str().to_owned(),
+        connected: p.connected,
+        synced_kinds: p.synced.iter().map(|k| k.as_str().to_owned()).collect(),
+        counts: p.counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        last_error: p.last_error.clone().unwrap_or_default(),
+        last_failure_unix_ms: p.last_failure.map_or(0, |t| {
+            i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+        }),
+        failures: p.failures,
+        cert_not_after_unix: cert_not_after.unwrap_or(0),
+    }
+}
+
+/// A merged service as `Service`; `cluster_id` is that of the cluster with precedence
+/// (0 when unknown).
+pub fn merged_service_to_proto(s: &MergedService, cluster_id: u32) -> pb::Service {
+    let active: BTreeSet<usize> = s.active_backends.iter().copied().collect();
+    pb::Service {
+        cluster: s
+            .clusters
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        cluster_id,
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        global: true,
+        shared: !s.backends.is_empty(),
+        affinity: affinity_str(s.affinity).to_owned(),
+        headless: s.headless,
+        frontends: s.frontends_local.iter().map(IpAddr::to_string).collect(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| port(&p.name, p.port, p.protocol))
+            .collect(),
+        backends: s
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| pb::Backend {
+                ip: b.ip.to_string(),
+                ports: b
+                    .ports
+                    .iter()
+                    .map(|p| port(&p.name, p.port, p.protocol))
+                    .collect(),
+                ready: b.ready,
+                hostname: b.hostname.clone().unwrap_or_default(),
+                node: b.node.clone().unwrap_or_default(),
+                zone: b.zone.clone().unwrap_or_default(),
+                cluster: b.cluster.to_string(),
+                active: active.contains(&i),
+            })
+            .collect(),
+        cluster_set_ip: s.clusterset_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        export_created_unix: 0,
+        clusters: s.clusters.iter().map(ToString::to_string).collect(),
+        conflicts: s.conflicts.clone(),
+    }
+}
+
+/// An identity of `cluster` as `Identity`.
+pub fn identity_to_proto(e: &IdentityEntry, cluster: &ClusterName) -> pb::Identity {
+    pb::Identity {
+        id: e.id.get(),
+        cluster: cluster.to_string(),
+        labels: e.labels.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// The ipcache entry the agent uses for an IP as `IpCacheEntry`.
+pub fn ip_cache_entry_to_proto(e: &ClusterEntry<IpCacheEntry>) -> pb::IpCacheEntry {
+    let v = &e.value;
+    pb::IpCacheEntry {
+        ip: v.ip.to_string(),
+        prefix_len: u32::from(v.prefix_len),
+        identity: v.identity.get(),
+        cluster: e.cluster.to_string(),
+        host_ip: v.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        node: v.node.clone().unwrap_or_default(),
+        namespace: v.namespace.clone().unwrap_or_default(),
+        pod: v.pod.clone().unwrap_or_default(),
+    }
+}
+
+fn port(name: &str, number: u16, protocol: Protocol) -> pb::Port {
+    pb::Port {
+        name: name.to_owned(),
+        port: u32::from(number),
+        protocol: protocol.to_string(),
+    }
+}
+
+fn affinity_str(a: Affinity) -> &'static str {
+    match a {
+        Affinity::None => "none",
+        Affinity::Local => "local",
+        Affinity::Remote => "remote",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use meshd::model::{BackendPort, Identity, Labels, ServicePort};
+    use meshd::remote::PeerState;
+
+    use super::*;
+    use crate::view::MergedBackend;
+
+    fn name(s: &str) -> ClusterName {
+        ClusterName::new(s).unwrap()
+    }
+
+    fn peer(n: &str, state: PeerState, err: Option<&str>) -> PeerStatus {
+        let mut p = PeerStatus::new(&name(n));
+        p.state = state;
+        p.last_error = err.map(str::to_owned);
+        p
+    }
+
+    #[test]
+    fn filters_are_validated() {
+        assert_eq!(validate("", "").unwrap(), Filter::default());
+        let f = validate("prod", "west").unwrap();
+        assert_eq!(f.namespace.as_deref(), Some("prod"));
+        assert!(f.selects(&name("west")) && !f.selects(&name("east")));
+        for (ns, c, what) in [("Prod", "", "namespace"), ("", "West", "cluster")] {
+            let e = validate(ns, c).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(what), "{}", e.message());
+        }
+    }
+
+    #[test]
+    fn readiness_names_the_sources_that_are_not_ready() {
+        let mut st = AgentStatus::default();
+        assert_eq!(
+            not_ready_reason(&st).as_deref(),
+            Some("not ready: local cluster: not started")
+        );
+        st.local = Some(peer("east", PeerState::Ready, None));
+        st.peers = vec![
+            peer("north", PeerState::Ready, None),
+            peer("west", PeerState::Backoff, Some("connection refused")),
+            peer("south", PeerState::WaitingForSync, None),
+        ];
+        let r = not_ready_reason(&st).unwrap();
+        assert_eq!(
+            r,
+            "not ready: peer west: backoff (last error: connection refused); \
+             peer south: waiting-for-sync"
+        );
+        st.peers.truncate(1);
+        assert!(not_ready_reason(&st).unwrap().contains("peers directory"));
+        st.ready = true;
+        assert_eq!(not_ready_reason(&st), None);
+    }
+
+    #[test]
+    fn status_conversion() {
+        let m = MaxConnectedClusters::C255;
+        let mut west = peer("west", PeerState::Ready, Some("old"));
+        west.cluster_id = Some(ClusterId::new(2, m).unwrap());
+        west.connected = true;
+        west.counts = BTreeMap::from([("ip".to_owned(), 3)]);
+        west.synced = vec![meshd::keys::StateKind::Ip];
+        west.failures = 2;
+        west.last_failure = Some(time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap());
+        let mut local = peer("east", PeerState::Ready, None);
+        local.connected = true;
+        local.counts = BTreeMap::from([("services".to_owned(), 1)]);
+        let st = AgentStatus {
+            local: Some(local),
+            peers: vec![west],
+            peer_cert_not_after: vec![("west".into(), Some(1_800_000_000))],
+            peer_errors: vec![("/peers/x.kubeconfig".into(), "bad yaml".into())],
+            ready: true,
+        };
+        let p = status_to_proto(&st, &name("east"), ClusterId::new(1, m).unwrap(), m);
+        assert_eq!(
+            (p.component.as_str(), p.datapath.as_str()),
+            (COMPONENT, "none")
+        );
+        assert!(p.ready && p.not_ready_reason.is_empty() && p.etcd_reachable);
+        assert_eq!(p.export_counts.get("services"), Some(&1));
+        assert_eq!(p.peer_config_errors, ["/peers/x.kubeconfig: bad yaml"]);
+        let w = &p.peers[0];
+        assert_eq!(
+            (w.name.as_str(), w.cluster_id, w.state.as_str()),
+            ("west", 2, "ready")
+        );
+        assert_eq!(w.synced_kinds, ["ip"]);
+        assert_eq!(w.counts.get("ip"), Some(&3));
+        assert_eq!((w.failures, w.last_failure_unix_ms), (2, 1_700_000_000_000));
+        assert_eq!(w.cert_not_after_unix, 1_800_000_000);
+    }
+
+    #[test]
+    fn merged_service_conversion() {
+        let backend = |c: &str, ip: &str, ready| MergedBackend {
+            cluster: name(c),
+            ip: ip.parse().unwrap(),
+            ports: vec![BackendPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            hostname: None,
+            node: Some("n1".into()),
+            zone: None,
+            ready,
+        };
+        let s = MergedService {
+            namespace: "shop".into(),
+            name: "web".into(),
+            headless: false,
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            frontends_local: vec!["10.0.0.1".parse().unwrap()],
+            clusterset_ip: Some("198.19.0.1".parse().unwrap()),
+            backends: vec![
+                backend("east", "198.18.1.1", true),
+                backend("west", "198.18.2.1", true),
+                backend("west", "198.18.2.2", false),
+            ],
+            active_backends: vec![0],
+            affinity: Affinity::Local,
+            conflicts: vec!["headless: …".into()],
+            clusters: vec![name("west"), name("east")],
+        };
+        let p = merged_service_to_proto(&s, 2);
+        assert_eq!((p.cluster.as_str(), p.cluster_id), ("west", 2));
+        assert_eq!(p.clusters, ["west", "east"]);
+        assert_eq!(p.conflicts.len(), 1);
+        assert_eq!(
+            (p.affinity.as_str(), p.cluster_set_ip.as_str()),
+            ("local", "198.19.0.1")
+        );
+        let b: Vec<_> = p
+            .backends
+            .iter()
+            .map(|b| (b.cluster.as_str(), b.ready, b.active))
+            .collect();
+        assert_eq!(
+            b,
+            [
+                ("east", true, true),
+                ("west", true, false),
+                ("west", false, false)
+            ]
+        );
+
+        let e = ClusterEntry {
+            cluster: name("west"),
+            value: IpCacheEntry {
+                ip: "198.18.2.1".parse().unwrap(),
+                prefix_len: 32,
+                identity: Identity::from_raw(131_328).unwrap(),
+                host_ip: None,
+                node: Some("n1".into()),
+                namespace: Some("shop".into()),
+                pod: Some("web-0".into()),
+                named_ports: BTreeMap::new(),
+            },
+        };
+        let p = ip_cache_entry_to_proto(&e);
+        assert_eq!(
+            (p.cluster.as_str(), p.identity, p.host_ip.as_str()),
+            ("west", 131_328, "")
+        );
+        let i = identity_to_proto(
+            &IdentityEntry {
+                id: Identity::from_raw(131_328).unwrap(),
+                labels: Labels::parse(["k8s:app=web"]).unwrap(),
+            },
+            &name("west"),
+        );
+        assert_eq!((i.id, i.labels.len()), (131_328, 1));
+    }
+}
