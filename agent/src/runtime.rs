@@ -32,6 +32,10 @@ use crate::view::{
 
 /// Events applied before the view publishes (bounds the latency of a burst).
 const MAX_BATCH: usize = 10_000;
+/// Shortest time between two snapshots while events keep coming.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
+/// A batch this small after a quiet period is published at once.
+const SMALL_BATCH: usize = 64;
 
 /// How the agent reads peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,7 +187,7 @@ impl Agent {
         tasks.spawn({
             let shutdown = shutdown.clone();
             async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
                 loop {
                     tokio::select! {
                         () = shutdown.cancelled() => break,
@@ -237,13 +241,32 @@ impl Agent {
             metrics,
         );
 
-        // The view task: the single writer of the merged view.
+        // The view task: the single writer of the merged view. A publish copies the
+        // changed maps once, so under a burst snapshots are spaced by at least
+        // PUBLISH_INTERVAL and by ten times what the last publish cost (publishing stays
+        // under ~10 % of the task's time even for million-entry maps); a small batch
+        // after a quiet period is published at once.
         tasks.spawn({
             let shutdown = shutdown.clone();
             async move {
+                let mut last_publish = tokio::time::Instant::now() - PUBLISH_INTERVAL;
+                let mut spacing = Duration::ZERO;
+                let mut publish_at: Option<tokio::time::Instant> = None;
                 loop {
+                    let deferred = async {
+                        match publish_at {
+                            Some(t) => tokio::time::sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     let input = tokio::select! {
                         () = shutdown.cancelled() => break,
+                        () = deferred => {
+                            publish_at = None;
+                            spacing = timed_publish(&mut view);
+                            last_publish = tokio::time::Instant::now();
+                            continue;
+                        }
                         ev = rx.recv() => match ev {
                             Some(ev) => Input::Cluster(ev),
                             None => break,
@@ -257,13 +280,25 @@ impl Agent {
                         },
                     };
                     apply(&mut view, input);
-                    for _ in 0..MAX_BATCH {
+                    let mut batch = 1;
+                    while batch < MAX_BATCH {
                         match rx.recv().now_or_never() {
                             Some(Some(ev)) => view.apply(ev),
                             _ => break,
                         }
+                        batch += 1;
                     }
-                    view.publish();
+                    if !view.has_unpublished() || publish_at.is_some() {
+                        continue;
+                    }
+                    let now = tokio::time::Instant::now();
+                    let quiet = now >= last_publish + spacing;
+                    if quiet && batch < SMALL_BATCH {
+                        spacing = timed_publish(&mut view);
+                        last_publish = tokio::time::Instant::now();
+                    } else {
+                        publish_at = Some(last_publish + spacing.max(PUBLISH_INTERVAL));
+                    }
                 }
             }
         });
@@ -284,6 +319,13 @@ impl Agent {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// Publishes and returns how long to wait before the next publish under load.
+fn timed_publish(view: &mut MergedView) -> Duration {
+    let t = std::time::Instant::now();
+    view.publish();
+    t.elapsed() * 10
 }
 
 fn apply(view: &mut MergedView, input: Input) {

@@ -81,7 +81,8 @@ pub struct ReflectorError {
 /// Reflector settings.
 #[derive(Debug, Clone)]
 pub struct ReflectorConfig {
-    /// Keys per list page (default 1000).
+    /// Keys per list page (default 1000). etcd 3.4 scans the rest of the range to count
+    /// it on every page, so very large prefixes list faster with larger pages.
     pub page_size: usize,
     /// Backoff between failed attempts.
     pub backoff: BackoffConfig,
@@ -139,6 +140,8 @@ pub struct Reflector<C: Codec> {
     pending: VecDeque<Event<C::Key, C::Value>>,
     /// Last revision known to be fully delivered.
     revision: i64,
+    /// Page size of the list in progress (shrinks when pages do not fit a message).
+    page_size: usize,
     /// The last relist was caused by compaction (the next one backs off).
     compacted_once: bool,
     synced_once: bool,
@@ -189,6 +192,7 @@ impl<C: Codec> Reflector<C> {
             logged: HashSet::new(),
             pending: VecDeque::new(),
             revision: 0,
+            page_size: 0,
             compacted_once: false,
             synced_once: false,
         }
@@ -235,14 +239,22 @@ impl<C: Codec> Reflector<C> {
                 }
                 State::Listing { revision, next } => {
                     let (rev, start) = (*revision, next.clone());
+                    if rev == 0 {
+                        self.page_size = self.cfg.page_size;
+                    }
                     let page = match self
                         .store
-                        .list_page(&self.prefix, Some(&start), self.cfg.page_size, rev)
+                        .list_page(&self.prefix, Some(&start), self.page_size, rev)
                         .await
                     {
                         Ok(p) => p,
                         Err(e) => return Err(self.fail("list", e)),
                     };
+                    // The store returned a smaller page than asked (values too large for
+                    // one message): keep that size for the rest of this list.
+                    if page.more && !page.kvs.is_empty() && page.kvs.len() < self.page_size {
+                        self.page_size = page.kvs.len();
+                    }
                     if rev == 0 {
                         self.relists_counter.inc();
                         self.seen.clear();

@@ -122,7 +122,7 @@ pub struct SupervisorConfig {
     pub cache_ttl: Duration,
     /// Backoff between connection attempts.
     pub backoff: BackoffConfig,
-    /// Reflector page size.
+    /// Reflector page size (default 10 000).
     pub page_size: usize,
 }
 
@@ -141,7 +141,10 @@ impl SupervisorConfig {
                 initial: Duration::from_millis(500),
                 max: Duration::from_secs(30),
             },
-            page_size: 1000,
+            // etcd 3.4 counts the remaining range on every page: large pages keep a
+            // million-entry peer from costing a thousand full scans. Pages that exceed
+            // the gRPC message limit shrink automatically.
+            page_size: 10_000,
         }
     }
 }
