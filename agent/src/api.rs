@@ -486,7 +486,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
             }],
-            frontends_local: vec!["10.0.0.1".parse().unwrap()],
+            frontends_local: vec!["198.18.0.1".parse().unwrap()],
             clusterset_ip: Some("198.19.0.1".parse().unwrap()),
             backends: vec![
                 backend("east", "198.18.1.1", true),

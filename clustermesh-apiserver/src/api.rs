@@ -496,7 +496,7 @@ mod tests {
             shared: true,
             affinity: Affinity::Local,
             headless: false,
-            frontends: vec!["10.0.0.1".parse().unwrap()],
+            frontends: vec!["198.18.0.1".parse().unwrap()],
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
@@ -520,7 +520,7 @@ mod tests {
         };
         let p = service_to_proto(&s, Some("198.19.0.1".parse().unwrap()));
         assert_eq!(p.affinity, "local");
-        assert_eq!(p.frontends, ["10.0.0.1"]);
+        assert_eq!(p.frontends, ["198.18.0.1"]);
         assert_eq!(p.ports[0].protocol, "TCP");
         assert_eq!(p.backends[0].ports[0].protocol, "UDP");
         assert_eq!(p.backends[0].node, "n1");
@@ -535,7 +535,7 @@ mod tests {
             ip: "198.18.0.1".parse().unwrap(),
             prefix_len: 32,
             identity: Identity::from_raw(65792).unwrap(),
-            host_ip: Some("10.0.0.9".parse().unwrap()),
+            host_ip: Some("198.18.0.9".parse().unwrap()),
             node: Some("n1".into()),
             namespace: Some("default".into()),
             pod: None,
@@ -546,7 +546,7 @@ mod tests {
             (p.ip.as_str(), p.prefix_len, p.identity, p.cluster.as_str()),
             ("198.18.0.1", 32, 65792, "east")
         );
-        assert_eq!((p.host_ip.as_str(), p.node.as_str()), ("10.0.0.9", "n1"));
+        assert_eq!((p.host_ip.as_str(), p.node.as_str()), ("198.18.0.9", "n1"));
         assert_eq!((p.namespace.as_str(), p.pod.as_str()), ("default", ""));
 
         let e = IdentityEntry {

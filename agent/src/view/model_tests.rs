@@ -49,7 +49,7 @@ impl Rng {
 }
 
 fn pool_ip(r: &mut Rng) -> String {
-    format!("10.0.0.{}", 1 + r.below(6))
+    format!("198.18.0.{}", 1 + r.below(6))
 }
 
 fn random_identity(r: &mut Rng, nominal: u32) -> Identity {
@@ -83,7 +83,7 @@ fn random_service(r: &mut Rng, cluster: &str, id: u32) -> ClusterService {
     ];
     s.ports = all.into_iter().filter(|_| r.chance(50)).collect();
     if cluster == LOCAL && r.chance(50) {
-        s.frontends = vec![ip("10.96.0.1")];
+        s.frontends = vec![ip("198.19.96.1")];
     }
     s
 }
@@ -96,7 +96,7 @@ fn random_value(r: &mut Rng, cluster: &str, nominal: u32) -> Value {
             let mut n = node(cluster, nominal, r.pick(&NODES));
             n.addresses = vec![NodeAddress {
                 kind: NodeAddressType::InternalIP,
-                ip: ip(r.pick(&["192.168.0.1", "192.168.0.2"])),
+                ip: ip(r.pick(&["198.19.168.1", "198.19.168.2"])),
             }];
             n.into()
         }

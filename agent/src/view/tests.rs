@@ -226,28 +226,28 @@ fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
 #[test]
 fn global_service_merged_across_three_clusters_with_affinity() {
     let mut v = view();
-    let mut east = service("east", 1, "web", &[("10.1.0.1", true), ("10.1.0.2", false)]);
-    east.frontends = vec![ip("10.96.0.10")];
+    let mut east = service("east", 1, "web", &[("198.18.1.1", true), ("198.18.1.2", false)]);
+    east.frontends = vec![ip("198.19.96.10")];
     v.apply(apply("east", east.clone()));
     v.apply(apply(
         "west",
-        service("west", 2, "web", &[("10.2.0.1", true)]),
+        service("west", 2, "web", &[("198.18.2.1", true)]),
     ));
     v.apply(apply(
         "north",
-        service("north", 3, "web", &[("10.3.0.1", true), ("10.3.0.2", true)]),
+        service("north", 3, "web", &[("198.18.3.1", true), ("198.18.3.2", true)]),
     ));
 
     let s = merged(&v, "web");
     assert_eq!(s.clusters, vec![cn("east"), cn("north"), cn("west")]);
-    assert_eq!(s.frontends_local, vec![ip("10.96.0.10")]);
+    assert_eq!(s.frontends_local, vec![ip("198.19.96.10")]);
     assert_eq!(s.backends.len(), 5);
     assert_eq!(s.affinity, Affinity::None);
     assert!(s.conflicts.is_empty(), "{:?}", s.conflicts);
     // none: every ready backend of every cluster.
     assert_eq!(
         active_ips(&s),
-        ips(&["10.1.0.1", "10.2.0.1", "10.3.0.1", "10.3.0.2"])
+        ips(&["198.18.1.1", "198.18.2.1", "198.18.3.1", "198.18.3.2"])
     );
 
     // local: only the local ready backend while it exists...
@@ -255,37 +255,37 @@ fn global_service_merged_across_three_clusters_with_affinity() {
     v.apply(apply("east", east.clone()));
     let s = merged(&v, "web");
     assert_eq!(s.affinity, Affinity::Local);
-    assert_eq!(active_ips(&s), ips(&["10.1.0.1"]));
+    assert_eq!(active_ips(&s), ips(&["198.18.1.1"]));
     // ...and the remote ones once no local backend is ready.
-    east.backends.get_mut(&ip("10.1.0.1")).unwrap().ready = false;
+    east.backends.get_mut(&ip("198.18.1.1")).unwrap().ready = false;
     v.apply(apply("east", east.clone()));
     assert_eq!(
         active_ips(&merged(&v, "web")),
-        ips(&["10.2.0.1", "10.3.0.1", "10.3.0.2"])
+        ips(&["198.18.2.1", "198.18.3.1", "198.18.3.2"])
     );
 
     // remote: the remote ready backends while any exists...
     east.affinity = Affinity::Remote;
-    east.backends.get_mut(&ip("10.1.0.1")).unwrap().ready = true;
+    east.backends.get_mut(&ip("198.18.1.1")).unwrap().ready = true;
     v.apply(apply("east", east.clone()));
     assert_eq!(
         active_ips(&merged(&v, "web")),
-        ips(&["10.2.0.1", "10.3.0.1", "10.3.0.2"])
+        ips(&["198.18.2.1", "198.18.3.1", "198.18.3.2"])
     );
     // ...and the local ones when no remote backend is ready.
     v.apply(apply(
         "west",
-        service("west", 2, "web", &[("10.2.0.1", false)]),
+        service("west", 2, "web", &[("198.18.2.1", false)]),
     ));
     v.apply(apply(
         "north",
-        service("north", 3, "web", &[("10.3.0.1", false)]),
+        service("north", 3, "web", &[("198.18.3.1", false)]),
     ));
     let s = merged(&v, "web");
-    assert_eq!(active_ips(&s), ips(&["10.1.0.1"]));
+    assert_eq!(active_ips(&s), ips(&["198.18.1.1"]));
     assert_eq!(s.backends.len(), 4);
     // Nothing ready anywhere: nothing active.
-    east.backends.get_mut(&ip("10.1.0.1")).unwrap().ready = false;
+    east.backends.get_mut(&ip("198.18.1.1")).unwrap().ready = false;
     v.apply(apply("east", east));
     assert!(merged(&v, "web").active_backends.is_empty());
 }
@@ -294,10 +294,10 @@ fn global_service_merged_across_three_clusters_with_affinity() {
 fn affinity_comes_from_the_oldest_export_without_a_local_service() {
     let mut v = view();
     let t = |s: i64| time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s);
-    let mut west = service("west", 2, "web", &[("10.2.0.1", true)]);
+    let mut west = service("west", 2, "web", &[("198.18.2.1", true)]);
     west.export_created = Some(t(200));
     west.affinity = Affinity::Remote;
-    let mut north = service("north", 3, "web", &[("10.3.0.1", true)]);
+    let mut north = service("north", 3, "web", &[("198.18.3.1", true)]);
     north.export_created = Some(t(100));
     north.affinity = Affinity::None;
     v.apply(apply("west", west));
@@ -307,7 +307,7 @@ fn affinity_comes_from_the_oldest_export_without_a_local_service() {
     assert_eq!(s.affinity, Affinity::None);
     assert_eq!(s.conflicts.len(), 1, "{:?}", s.conflicts);
     assert!(s.conflicts[0].starts_with("affinity"), "{:?}", s.conflicts);
-    assert_eq!(active_ips(&s), ips(&["10.2.0.1", "10.3.0.1"]));
+    assert_eq!(active_ips(&s), ips(&["198.18.2.1", "198.18.3.1"]));
 }
 
 #[test]
@@ -315,12 +315,12 @@ fn non_global_and_unshared_remotes_excluded_remote_only_service_reachable() {
     let mut v = view();
     v.apply(apply(
         "east",
-        service("east", 1, "web", &[("10.1.0.1", true)]),
+        service("east", 1, "web", &[("198.18.1.1", true)]),
     ));
-    let mut west = service("west", 2, "web", &[("10.2.0.1", true)]);
+    let mut west = service("west", 2, "web", &[("198.18.2.1", true)]);
     west.global = false;
     v.apply(apply("west", west));
-    let mut north = service("north", 3, "web", &[("10.3.0.1", true)]);
+    let mut north = service("north", 3, "web", &[("198.18.3.1", true)]);
     north.shared = false;
     v.apply(apply("north", north));
     let s = merged(&v, "web");
@@ -328,31 +328,31 @@ fn non_global_and_unshared_remotes_excluded_remote_only_service_reachable() {
     assert_eq!(s.clusters, vec![cn("east"), cn("north")]);
     assert_eq!(
         s.backends.iter().map(|b| b.ip).collect::<Vec<_>>(),
-        vec![ip("10.1.0.1")]
+        vec![ip("198.18.1.1")]
     );
 
     // The local shared:false service still contributes its backends locally.
-    let mut east = service("east", 1, "web", &[("10.1.0.1", true)]);
+    let mut east = service("east", 1, "web", &[("198.18.1.1", true)]);
     east.shared = false;
     v.apply(apply("east", east));
-    assert_eq!(active_ips(&merged(&v, "web")), ips(&["10.1.0.1"]));
+    assert_eq!(active_ips(&merged(&v, "web")), ips(&["198.18.1.1"]));
 
     // A local non-global service is ignored: "api" is merged from west alone.
-    let mut east_api = service("east", 1, "api", &[("10.1.0.7", true)]);
+    let mut east_api = service("east", 1, "api", &[("198.18.1.7", true)]);
     east_api.global = false;
-    east_api.frontends = vec![ip("10.96.0.7")];
+    east_api.frontends = vec![ip("198.19.96.7")];
     v.apply(apply("east", east_api));
     v.apply(apply(
         "west",
-        service("west", 2, "api", &[("10.2.0.7", true)]),
+        service("west", 2, "api", &[("198.18.2.7", true)]),
     ));
     let s = merged(&v, "api");
     assert_eq!(s.clusters, vec![cn("west")]);
     assert!(s.frontends_local.is_empty());
-    assert_eq!(active_ips(&s), ips(&["10.2.0.7"]));
+    assert_eq!(active_ips(&s), ips(&["198.18.2.7"]));
 
     // Only non-global definitions: no merged service.
-    let mut only_local = service("east", 1, "private", &[("10.1.0.9", true)]);
+    let mut only_local = service("east", 1, "private", &[("198.18.1.9", true)]);
     only_local.global = false;
     v.apply(apply("east", only_local));
     assert!(v.services().service("default", "private").is_none());
@@ -360,14 +360,14 @@ fn non_global_and_unshared_remotes_excluded_remote_only_service_reachable() {
     // A remote-only service is present, reachable through its ClusterSetIP.
     v.apply(apply(
         "west",
-        service("west", 2, "db", &[("10.2.0.5", true)]),
+        service("west", 2, "db", &[("198.18.2.5", true)]),
     ));
     let s = merged(&v, "db");
     assert!(s.frontends_local.is_empty());
     assert_eq!(s.clusterset_ip, None);
     v.set_clusterset_ip("default", "db", Some(ip("198.19.0.5")));
     assert_eq!(merged(&v, "db").clusterset_ip, Some(ip("198.19.0.5")));
-    assert_eq!(active_ips(&merged(&v, "db")), ips(&["10.2.0.5"]));
+    assert_eq!(active_ips(&merged(&v, "db")), ips(&["198.18.2.5"]));
     v.set_clusterset_ip("default", "db", None);
     assert_eq!(merged(&v, "db").clusterset_ip, None);
     // An IP known before the service shows up once it does.
@@ -375,7 +375,7 @@ fn non_global_and_unshared_remotes_excluded_remote_only_service_reachable() {
     assert!(v.services().service("default", "cache").is_none());
     v.apply(apply(
         "north",
-        service("north", 3, "cache", &[("10.3.0.6", true)]),
+        service("north", 3, "cache", &[("198.18.3.6", true)]),
     ));
     assert_eq!(merged(&v, "cache").clusterset_ip, Some(ip("198.19.0.6")));
 }
@@ -384,39 +384,39 @@ fn non_global_and_unshared_remotes_excluded_remote_only_service_reachable() {
 fn wholesale_replace_after_relist_and_drain() {
     let mut v = view();
     v.apply(init("west", StateKind::Ip));
-    for a in ["10.2.0.1", "10.2.0.2", "10.2.0.3"] {
+    for a in ["198.18.2.1", "198.18.2.2", "198.18.2.3"] {
         v.apply(apply("west", ip_entry(a, ident(2, 300))));
     }
     v.apply(init_done("west", StateKind::Ip));
     v.apply(init("west", StateKind::Services));
     v.apply(apply(
         "west",
-        service("west", 2, "web", &[("10.2.0.1", true)]),
+        service("west", 2, "web", &[("198.18.2.1", true)]),
     ));
     v.apply(apply(
         "west",
-        service("west", 2, "db", &[("10.2.0.2", true)]),
+        service("west", 2, "db", &[("198.18.2.2", true)]),
     ));
     v.apply(init_done("west", StateKind::Services));
     v.apply(apply("west", node("west", 2, "w1")));
-    v.apply(apply("north", ip_entry("10.3.0.1", ident(3, 300))));
+    v.apply(apply("north", ip_entry("198.18.3.1", ident(3, 300))));
     v.apply(apply("north", node("north", 3, "n1")));
     v.apply(apply(
         "north",
-        service("north", 3, "web", &[("10.3.0.1", true)]),
+        service("north", 3, "web", &[("198.18.3.1", true)]),
     ));
     assert_eq!(v.ipcache().len(), 4);
 
     // A relist returning a subset (one of them changed): stale entries stay until
     // InitDone, then go.
     v.apply(init("west", StateKind::Ip));
-    v.apply(apply("west", ip_entry("10.2.0.1", ident(2, 300))));
-    v.apply(apply("west", ip_entry("10.2.0.3", ident(2, 301))));
-    assert!(v.ipcache().get(&ip("10.2.0.2")).is_some());
+    v.apply(apply("west", ip_entry("198.18.2.1", ident(2, 300))));
+    v.apply(apply("west", ip_entry("198.18.2.3", ident(2, 301))));
+    assert!(v.ipcache().get(&ip("198.18.2.2")).is_some());
     // InitDone of another kind sweeps nothing of this one.
     v.apply(init("west", StateKind::Nodes));
     v.apply(init_done("west", StateKind::Nodes));
-    assert!(v.ipcache().get(&ip("10.2.0.2")).is_some());
+    assert!(v.ipcache().get(&ip("198.18.2.2")).is_some());
     assert!(
         v.nodes().get(&(cn("west"), "w1".into())).is_none(),
         "w1 was not relisted"
@@ -429,9 +429,9 @@ fn wholesale_replace_after_relist_and_drain() {
         .filter(|(_, e)| e.cluster == cn("west"))
         .map(|(ip, _)| *ip)
         .collect();
-    assert_eq!(west_ips, ips(&["10.2.0.1", "10.2.0.3"]));
+    assert_eq!(west_ips, ips(&["198.18.2.1", "198.18.2.3"]));
     assert_eq!(
-        v.ipcache().get(&ip("10.2.0.3")).unwrap().value.identity,
+        v.ipcache().get(&ip("198.18.2.3")).unwrap().value.identity,
         ident(2, 301)
     );
     // An InitDone without its Init sweeps nothing.
@@ -459,20 +459,20 @@ fn wholesale_replace_after_relist_and_drain() {
     v.apply(init("west", StateKind::Services));
     v.apply(apply(
         "west",
-        service("west", 2, "db", &[("10.2.0.2", true)]),
+        service("west", 2, "db", &[("198.18.2.2", true)]),
     ));
     v.apply(init_done("west", StateKind::Services));
     assert!(v.services().service("default", "web").is_none());
     assert!(v.services().service("default", "db").is_some());
     // An Init interrupted by another Init: only the second listing counts.
     v.apply(init("west", StateKind::Ip));
-    v.apply(apply("west", ip_entry("10.2.0.9", ident(2, 300))));
+    v.apply(apply("west", ip_entry("198.18.2.9", ident(2, 300))));
     v.apply(init("west", StateKind::Ip));
-    v.apply(apply("west", ip_entry("10.2.0.1", ident(2, 300))));
+    v.apply(apply("west", ip_entry("198.18.2.1", ident(2, 300))));
     v.apply(init_done("west", StateKind::Ip));
     assert_eq!(
         v.ipcache().entries.keys().copied().collect::<BTreeSet<_>>(),
-        ips(&["10.2.0.1"])
+        ips(&["198.18.2.1"])
     );
     assert_eq!(v.counts()[&(cn("west"), StateKind::Ip)], 1);
     assert_eq!(v.counts()[&(cn("west"), StateKind::Services)], 1);
@@ -485,7 +485,7 @@ fn remote_identities_must_be_in_range_pending_until_config() {
     // west is cluster 2: an identity with cluster bits 3 is refused, for identities and
     // for ipcache entries alike.
     v.apply(apply("west", identity_entry("west", ident(3, 300), "web")));
-    v.apply(apply("west", ip_entry("10.2.0.1", ident(3, 300))));
+    v.apply(apply("west", ip_entry("198.18.2.1", ident(3, 300))));
     assert!(v.identities().is_empty());
     assert!(v.ipcache().is_empty());
     assert_eq!(
@@ -506,18 +506,18 @@ fn remote_identities_must_be_in_range_pending_until_config() {
         cluster: cn("west"),
         key: StateKey::Ip {
             cluster: cn("north"),
-            ip: ip("10.3.0.1"),
+            ip: ip("198.18.3.1"),
         },
-        value: StateValue::Ip(ip_entry("10.3.0.1", ident(3, 300))),
+        value: StateValue::Ip(ip_entry("198.18.3.1", ident(3, 300))),
     });
     assert_eq!(v.rejected()[&(cn("west"), RejectReason::ForeignCluster)], 2);
     assert!(v.ipcache().is_empty());
 
     // south has no config yet: its entries are held, not shown, until it arrives.
     v.apply(apply("south", identity_entry("south", ident(4, 256), "db")));
-    v.apply(apply("south", ip_entry("10.4.0.1", ident(4, 256))));
+    v.apply(apply("south", ip_entry("198.18.4.1", ident(4, 256))));
     assert!(v.identities().get(&ident(4, 256)).is_none());
-    assert!(v.ipcache().get(&ip("10.4.0.1")).is_none());
+    assert!(v.ipcache().get(&ip("198.18.4.1")).is_none());
     assert_eq!(v.counts()[&(cn("south"), StateKind::Identities)], 1);
     v.apply(cfg_event("south", 4));
     assert_eq!(
@@ -525,13 +525,13 @@ fn remote_identities_must_be_in_range_pending_until_config() {
         cn("south")
     );
     assert_eq!(
-        v.ipcache().get(&ip("10.4.0.1")).unwrap().value.identity,
+        v.ipcache().get(&ip("198.18.4.1")).unwrap().value.identity,
         ident(4, 256)
     );
     // A config change that puts them out of range withdraws them.
     v.apply(cfg_event("south", 5));
     assert!(v.identities().get(&ident(4, 256)).is_none());
-    assert!(v.ipcache().get(&ip("10.4.0.1")).is_none());
+    assert!(v.ipcache().get(&ip("198.18.4.1")).is_none());
     assert_eq!(
         v.rejected()[&(cn("south"), RejectReason::IdentityOutOfScope)],
         2
@@ -605,7 +605,7 @@ fn identity_conflicts_first_claim_wins_local_first() {
 #[test]
 fn ipcache_collisions_local_wins_and_loser_takes_over() {
     let mut v = view();
-    let a = "10.0.0.1";
+    let a = "198.18.0.1";
     v.apply(apply("west", ip_entry(a, ident(2, 300))));
     assert!(v.collisions().is_empty());
     v.apply(apply("east", ip_entry(a, ident(1, 300))));
@@ -646,7 +646,7 @@ fn ipcache_collisions_local_wins_and_loser_takes_over() {
     assert!(v.ipcache().is_empty());
 
     // Between remotes, the first one wins regardless of name.
-    let b = "10.0.0.2";
+    let b = "198.18.0.2";
     v.apply(apply("west", ip_entry(b, ident(2, 300))));
     v.apply(apply("north", ip_entry(b, ident(3, 300))));
     assert_eq!(v.ipcache().get(&ip(b)).unwrap().cluster, cn("west"));
@@ -659,12 +659,12 @@ fn ipcache_collisions_local_wins_and_loser_takes_over() {
 
     // Service frontends are not endpoint IPs: no collision.
     let mut east = service("east", 1, "web", &[]);
-    east.frontends = vec![ip("10.0.0.9")];
+    east.frontends = vec![ip("198.18.0.9")];
     v.apply(apply("east", east));
-    v.apply(apply("north", ip_entry("10.0.0.9", ident(3, 300))));
+    v.apply(apply("north", ip_entry("198.18.0.9", ident(3, 300))));
     assert!(v.collisions().is_empty());
     assert_eq!(
-        v.ipcache().get(&ip("10.0.0.9")).unwrap().cluster,
+        v.ipcache().get(&ip("198.18.0.9")).unwrap().cluster,
         cn("north")
     );
 }
@@ -673,13 +673,13 @@ fn ipcache_collisions_local_wins_and_loser_takes_over() {
 fn mcs_conflicts_resolved_by_oldest_export() {
     let mut v = view();
     let t = |s: i64| time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s);
-    let mut east = service("east", 1, "web", &[("10.1.0.1", true)]);
+    let mut east = service("east", 1, "web", &[("198.18.1.1", true)]);
     east.export_created = Some(t(300));
-    let mut west = service("west", 2, "web", &[("10.2.0.1", true)]);
+    let mut west = service("west", 2, "web", &[("198.18.2.1", true)]);
     west.export_created = Some(t(100));
     west.headless = true;
     west.ports.push(port("https", 443, Protocol::Tcp));
-    let mut north = service("north", 3, "web", &[("10.3.0.1", true)]);
+    let mut north = service("north", 3, "web", &[("198.18.3.1", true)]);
     north.export_created = Some(t(200));
     north.ports = vec![
         port("http", 80, Protocol::Udp),
@@ -780,8 +780,8 @@ fn subscribers_see_new_snapshots_only_for_changed_kinds() {
     let nodes0 = nodes.borrow_and_update().clone();
 
     // A batch of ipcache changes: one new snapshot, nothing for the other kinds.
-    v.apply(apply("west", ip_entry("10.2.0.1", ident(2, 300))));
-    v.apply(apply("west", ip_entry("10.2.0.2", ident(2, 300))));
+    v.apply(apply("west", ip_entry("198.18.2.1", ident(2, 300))));
+    v.apply(apply("west", ip_entry("198.18.2.2", ident(2, 300))));
     assert!(
         !ipc.has_changed().unwrap(),
         "nothing is sent before publish"
@@ -799,8 +799,8 @@ fn subscribers_see_new_snapshots_only_for_changed_kinds() {
 
     // Re-applying identical values (a relist) publishes nothing.
     v.apply(init("west", StateKind::Ip));
-    v.apply(apply("west", ip_entry("10.2.0.1", ident(2, 300))));
-    v.apply(apply("west", ip_entry("10.2.0.2", ident(2, 300))));
+    v.apply(apply("west", ip_entry("198.18.2.1", ident(2, 300))));
+    v.apply(apply("west", ip_entry("198.18.2.2", ident(2, 300))));
     v.apply(init_done("west", StateKind::Ip));
     v.publish();
     assert!(!ipc.has_changed().unwrap());
@@ -808,26 +808,26 @@ fn subscribers_see_new_snapshots_only_for_changed_kinds() {
     // A service change: services only; the untouched ipcache entry is shared by value.
     v.apply(apply(
         "west",
-        service("west", 2, "web", &[("10.2.0.1", true)]),
+        service("west", 2, "web", &[("198.18.2.1", true)]),
     ));
-    v.apply(apply("west", ip_entry("10.2.0.2", ident(2, 301))));
+    v.apply(apply("west", ip_entry("198.18.2.2", ident(2, 301))));
     v.publish();
     assert!(svc.has_changed().unwrap());
     assert_eq!(svc.borrow_and_update().generation, 1);
     let ipc2 = ipc.borrow_and_update().clone();
     assert_eq!(ipc2.generation, 2);
     assert!(Arc::ptr_eq(
-        ipc1.get(&ip("10.2.0.1")).unwrap(),
-        ipc2.get(&ip("10.2.0.1")).unwrap()
+        ipc1.get(&ip("198.18.2.1")).unwrap(),
+        ipc2.get(&ip("198.18.2.1")).unwrap()
     ));
     // The old snapshot is unchanged.
     assert_eq!(
-        ipc1.get(&ip("10.2.0.2")).unwrap().value.identity,
+        ipc1.get(&ip("198.18.2.2")).unwrap().value.identity,
         ident(2, 300)
     );
     assert!(!ids.has_changed().unwrap() && !nodes.has_changed().unwrap());
     // A service update that changes nothing merged (a non-global peer) is not sent.
-    let mut other = service("north", 3, "web", &[("10.3.0.1", true)]);
+    let mut other = service("north", 3, "web", &[("198.18.3.1", true)]);
     other.global = false;
     v.apply(apply("north", other));
     v.publish();

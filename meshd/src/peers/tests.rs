@@ -492,7 +492,7 @@ async fn peers_watcher_lifecycle() {
 
     // Content change: Upsert.
     let moved = PeerCredential {
-        server: "https://10.0.0.2:32379".into(),
+        server: "https://198.18.0.2:32379".into(),
         ..cred("east", 2)
     };
     write_peer_file(&dir, &moved, "remote-local").unwrap();
