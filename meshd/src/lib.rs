@@ -30,5 +30,6 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod peers;
+pub mod process;
 pub mod reflector;
 pub mod remote;

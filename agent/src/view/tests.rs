@@ -226,7 +226,12 @@ fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
 #[test]
 fn global_service_merged_across_three_clusters_with_affinity() {
     let mut v = view();
-    let mut east = service("east", 1, "web", &[("198.18.1.1", true), ("198.18.1.2", false)]);
+    let mut east = service(
+        "east",
+        1,
+        "web",
+        &[("198.18.1.1", true), ("198.18.1.2", false)],
+    );
     east.frontends = vec![ip("198.19.96.10")];
     v.apply(apply("east", east.clone()));
     v.apply(apply(
@@ -235,7 +240,12 @@ fn global_service_merged_across_three_clusters_with_affinity() {
     ));
     v.apply(apply(
         "north",
-        service("north", 3, "web", &[("198.18.3.1", true), ("198.18.3.2", true)]),
+        service(
+            "north",
+            3,
+            "web",
+            &[("198.18.3.1", true), ("198.18.3.2", true)],
+        ),
     ));
 
     let s = merged(&v, "web");
