@@ -16,6 +16,7 @@ pub mod exporter;
 pub mod mesh;
 pub mod mirror;
 pub mod objects;
+pub mod util;
 
 pub use etcd::EtcdGuard;
 pub use mirror::Mirror;

@@ -7,7 +7,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clustermesh_apiserver::api::ClusterMeshApi;
 use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::source::Object;
@@ -22,10 +21,10 @@ use mesh_proto::v1::{
 };
 use mesh_tests::mesh::{TestCluster, connect, supervisor_config};
 use mesh_tests::objects::{endpoint_slice, node, pod, service};
+use mesh_tests::util::{ChildGuard, HttpResponse, free_port, http_get};
 use mesh_tests::{bin_path, init_tracing};
 use meshd::model::{ClusterName, MaxConnectedClusters};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -91,41 +90,13 @@ async fn client(
     Ok(ClusterMeshClient::new(channel))
 }
 
-/// One HTTP/1.0 GET: (status code, body).
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = String::new();
-    tokio::time::timeout(CALL, s.read_to_string(&mut buf))
-        .await
-        .context("HTTP response timed out")??;
-    let (head, body) = buf.split_once("\r\n\r\n").context("no end of headers")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status code")?
-        .parse()?;
-    Ok((code, body.to_owned()))
-}
-
 fn has_line(text: &str, line: &str) -> bool {
     text.lines().any(|l| l == line)
 }
 
 /// Polls `f` until it returns `Some` (bounded by [`CONVERGE`]).
-async fn eventually<T, F: AsyncFnMut() -> Option<T>>(what: &str, mut f: F) -> T {
-    let deadline = tokio::time::Instant::now() + CONVERGE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn eventually<T, F: AsyncFnMut() -> Option<T>>(what: &str, f: F) -> T {
+    mesh_tests::util::eventually_some(what, CONVERGE, f).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,11 +308,13 @@ async fn agent_api_over_mtls_with_two_clusters() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
 
     // Health and metrics.
-    let (code, body) = http_get(health_addr, "/readyz").await.unwrap();
+    let HttpResponse {
+        status: code, body, ..
+    } = http_get(health_addr, "/readyz").await.unwrap();
     assert_eq!((code, body.as_str()), (200, "ready"));
     let ready_west = r#"mesh_clustermesh_remote_cluster_readiness_status{peer="west"} 1"#;
     let text = eventually("metrics of west", async || {
-        let (_, text) = http_get(health_addr, "/metrics").await.ok()?;
+        let text = http_get(health_addr, "/metrics").await.ok()?.body;
         has_line(&text, ready_west).then_some(text)
     })
     .await;
@@ -359,7 +332,7 @@ async fn agent_api_over_mtls_with_two_clusters() {
     meshd::peers::remove_peer_file(east.peers_dir.path(), &ClusterName::new("west").unwrap())
         .unwrap();
     let text = eventually("west's series to disappear", async || {
-        let (_, text) = http_get(health_addr, "/metrics").await.ok()?;
+        let text = http_get(health_addr, "/metrics").await.ok()?.body;
         (!text.contains(r#"peer="west""#)).then_some(text)
     })
     .await;
@@ -392,24 +365,6 @@ async fn agent_api_over_mtls_with_two_clusters() {
     agent.shutdown().await;
     east.stop_kvstoremesh().await;
     west.stop_kvstoremesh().await;
-}
-
-/// Kills the child on drop (test failure) — by PID, the process we started.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,13 +419,16 @@ async fn mesh_agent_binary_becomes_ready_and_stops_on_sigterm() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let mut child = Child(child);
+    let mut child = ChildGuard(child);
     let health_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, health));
 
     // Ready once the local cluster is read (no peers configured).
     let deadline = tokio::time::Instant::now() + CONVERGE;
     loop {
-        if let Ok((200, _)) = http_get(health_addr, "/readyz").await {
+        if http_get(health_addr, "/readyz")
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
             break;
         }
         assert!(
@@ -483,7 +441,11 @@ async fn mesh_agent_binary_becomes_ready_and_stops_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (code, text) = http_get(health_addr, "/metrics").await.unwrap();
+    let HttpResponse {
+        status: code,
+        body: text,
+        ..
+    } = http_get(health_addr, "/metrics").await.unwrap();
     assert_eq!(code, 200);
     assert!(
         has_line(&text, "mesh_clustermesh_remote_clusters 0"),
@@ -514,22 +476,7 @@ async fn mesh_agent_binary_becomes_ready_and_stops_on_sigterm() {
     drop(c);
 
     // SIGTERM: the process exits 0.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = child.terminate(Duration::from_secs(15)).await;
     assert!(status.success(), "exit status {status}");
     assert!(
         TcpStream::connect(health_addr).await.is_err(),

@@ -21,7 +21,6 @@ use meshd::keys::{self, ClusterSetIpEntry, Key};
 use meshd::kv::KvStore;
 use meshd::model::{ClusterId, ClusterName, MaxConnectedClusters};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -265,37 +264,13 @@ impl Harness {
 
 /// One HTTP/1.1 GET: (status code, header block, body).
 async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, String)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(CALL, s.read_to_end(&mut buf))
-        .await
-        .context("HTTP response timed out")??;
-    let text = String::from_utf8(buf)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("no end of HTTP headers")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status code")?
-        .parse()?;
-    Ok((code, head.to_owned(), body.to_owned()))
+    let r = mesh_tests::util::http_get(addr, path).await?;
+    Ok((r.status, r.head, r.body))
 }
 
 /// Polls `f` until it holds (bounded).
-async fn eventually<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn eventually<F: AsyncFnMut() -> bool>(what: &str, f: F) {
+    mesh_tests::util::eventually(what, Duration::from_secs(30), f).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,14 +88,7 @@ async fn snapshot(store: &dyn KvStore, prefix: &str) -> BTreeMap<String, Vec<u8>
 
 /// Polls until `f` holds for the store (bounded).
 async fn eventually<F: AsyncFn() -> bool>(what: &str, f: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh_tests::util::eventually(what, Duration::from_secs(30), async || f().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

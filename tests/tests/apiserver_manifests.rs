@@ -95,14 +95,7 @@ fn svc_key(ns: &str, name: &str) -> Key {
 }
 
 async fn eventually<F: AsyncFn() -> bool>(what: &str, f: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh_tests::util::eventually(what, Duration::from_secs(20), async || f().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,48 +1,17 @@
 //! The clustermesh-apiserver binary as a process: bootstrapped etcd, its own etcd user,
 //! manifests, gRPC and health endpoints, and graceful shutdown on SIGTERM.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use clustermesh_apiserver::bootstrap;
 use mesh_certs::{CertRequest, CertificateAuthority};
+use mesh_tests::util::{ChildGuard, free_port, http_get};
 use mesh_tests::{EtcdGuard, bin_path, init_tracing};
 use meshd::keys;
 use meshd::kv::KvStore;
 use meshd::model::ClusterName;
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, buf))
-}
-
-/// Kills the child on drop (test failure) — by PID, the process we started.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_as_its_own_etcd_user_and_shuts_down_gracefully_on_sigterm() {
@@ -103,12 +72,16 @@ async fn runs_as_its_own_etcd_user_and_shuts_down_gracefully_on_sigterm() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let mut child = Child(child);
+    let mut child = ChildGuard(child);
+    let health_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, health));
 
     // Ready once the first export is complete.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some((200, _)) = http_get(health, "/readyz").await {
+        if http_get(health_addr, "/readyz")
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
             break;
         }
         assert!(
@@ -121,9 +94,13 @@ async fn runs_as_its_own_etcd_user_and_shuts_down_gracefully_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (code, body) = http_get(health, "/metrics").await.unwrap();
-    assert_eq!(code, 200);
-    assert!(body.contains("mesh_export_entries"), "{body}");
+    let metrics = http_get(health_addr, "/metrics").await.unwrap();
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.contains("mesh_export_entries"),
+        "{}",
+        metrics.body
+    );
     assert_eq!(
         root.list_all("mesh/state/ip/v1/east/", 100)
             .await
@@ -136,22 +113,7 @@ async fn runs_as_its_own_etcd_user_and_shuts_down_gracefully_on_sigterm() {
     assert!(!root.list_all(&refs, 100).await.unwrap().kvs.is_empty());
 
     // SIGTERM: the process exits 0 and closes its lease (identity references vanish).
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = child.terminate(Duration::from_secs(15)).await;
     assert!(status.success(), "exit status {status}");
     assert!(
         root.list_all(&refs, 100).await.unwrap().kvs.is_empty(),
