@@ -15,9 +15,7 @@
 //! deletes the cache keys of that peer and kind that the new list did not contain, then
 //! creates the cache's synced marker. `Drain` deletes everything of the peer.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use futures::FutureExt;
@@ -31,12 +29,6 @@ use tokio::sync::mpsc;
 const MAX_BATCH: usize = 5000;
 /// Operations per transaction.
 const TXN_OPS: usize = 100;
-
-fn hash(v: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
-}
 
 /// Writes cluster events of peers into the local etcd cache (single owner).
 #[derive(Debug)]
@@ -72,13 +64,13 @@ impl CacheWriter {
                     .or_default()
                     .insert(k.clone());
             }
-            w.written.insert(k, hash(&kv.value));
+            w.written.insert(k, keys::value_hash(&kv.value));
         }
         Ok(w)
     }
 
     fn put(&mut self, key: String, value: Vec<u8>) {
-        let h = hash(&value);
+        let h = keys::value_hash(&value);
         if self.written.get(&key) == Some(&h) {
             return;
         }

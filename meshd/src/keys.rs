@@ -609,6 +609,16 @@ impl IdentityScope {
     }
 }
 
+/// A hash of a stored value, for writers that compare what etcd holds with what they want
+/// without keeping a second copy of every value (in-process only; not stable across
+/// builds).
+pub fn value_hash(v: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
 /// Serializes a value of the schema.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing these plain structs into memory cannot fail.

@@ -173,7 +173,8 @@ pub struct Exporter {
     allocator: IdentityAllocator,
     state: ClusterState,
     desired: HashMap<String, (usize, Vec<u8>)>,
-    written: HashMap<String, Vec<u8>>,
+    /// Key → hash of the value etcd holds (what was loaded or last written).
+    written: HashMap<String, u64>,
     dirty: BTreeSet<String>,
     counts: [u64; OWNED.len()],
     source_synced: bool,
@@ -238,7 +239,7 @@ impl Exporter {
                 })?;
             for kv in all.kvs {
                 if let Ok(k) = String::from_utf8(kv.key) {
-                    written.insert(k, kv.value);
+                    written.insert(k, keys::value_hash(&kv.value));
                 }
             }
         }
@@ -677,9 +678,9 @@ impl Exporter {
                     break;
                 };
                 let want = self.desired.get(&k).map(|(_, v)| v);
-                let have = self.written.get(&k);
+                let have = self.written.get(&k).copied();
                 match (want, have) {
-                    (Some(w), Some(h)) if w == h => {}
+                    (Some(w), Some(h)) if keys::value_hash(w) == h => {}
                     (None, None) => {}
                     (Some(w), _) => {
                         ops.push(Op::Put {
@@ -714,7 +715,7 @@ impl Exporter {
             for k in keys_in_txn {
                 match self.desired.get(&k) {
                     Some((_, v)) => {
-                        self.written.insert(k, v.clone());
+                        self.written.insert(k, keys::value_hash(v));
                     }
                     None => {
                         self.written.remove(&k);
