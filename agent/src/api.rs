@@ -259,20 +259,7 @@ pub fn status_to_proto(
 
 /// One peer's supervisor status as `PeerStatus` (`cert_not_after`: Unix seconds).
 pub fn peer_to_proto(p: &PeerStatus, cert_not_after: Option<i64>) -> pb::PeerStatus {
-    pb::PeerStatus {
-        name: p.name.to_string(),
-        cluster_id: p.cluster_id.map_or(0, |id| u32::from(id.get())),
-        state: p.state.as_str().to_owned(),
-        connected: p.connected,
-        synced_kinds: p.synced.iter().map(|k| k.as_str().to_owned()).collect(),
-        counts: p.counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-        last_error: p.last_error.clone().unwrap_or_default(),
-        last_failure_unix_ms: p.last_failure.map_or(0, |t| {
-            i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-        }),
-        failures: p.failures,
-        cert_not_after_unix: cert_not_after.unwrap_or(0),
-    }
+    p.to_proto(cert_not_after)
 }
 
 /// A merged service as `Service`; `cluster_id` is that of the cluster with precedence

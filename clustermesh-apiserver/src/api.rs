@@ -43,6 +43,7 @@ pub struct ClusterMeshApi {
     status: watch::Receiver<ExportStatus>,
     cfg: ExportConfig,
     store: Arc<dyn KvStore>,
+    peers: Option<watch::Receiver<Vec<meshd::remote::PeerStatus>>>,
 }
 
 impl ClusterMeshApi {
@@ -53,7 +54,19 @@ impl ClusterMeshApi {
         status: watch::Receiver<ExportStatus>,
         store: Arc<dyn KvStore>,
     ) -> Self {
-        Self { status, cfg, store }
+        Self {
+            status,
+            cfg,
+            store,
+            peers: None,
+        }
+    }
+
+    /// Reports kvstoremesh's peers in `GetStatus`.
+    #[must_use]
+    pub fn with_peers(mut self, peers: watch::Receiver<Vec<meshd::remote::PeerStatus>>) -> Self {
+        self.peers = Some(peers);
+        self
     }
 
     /// The tonic service wrapping this API.
@@ -108,7 +121,12 @@ impl ClusterMesh for ClusterMeshApi {
         _request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let status = self.status.borrow().clone();
-        Ok(Response::new(status_to_proto(&status, &self.cfg)))
+        let peers = self
+            .peers
+            .as_ref()
+            .map(|p| p.borrow().clone())
+            .unwrap_or_default();
+        Ok(Response::new(status_to_proto(&status, &self.cfg, &peers)))
     }
 
     async fn list_services(
@@ -278,7 +296,11 @@ fn decode_cluster_set_ip(kv: &KeyValue) -> Option<((String, String), IpAddr)> {
 }
 
 /// The exporter's status as `ClusterStatus`.
-pub fn status_to_proto(status: &ExportStatus, cfg: &ExportConfig) -> pb::ClusterStatus {
+pub fn status_to_proto(
+    status: &ExportStatus,
+    cfg: &ExportConfig,
+    peers: &[meshd::remote::PeerStatus],
+) -> pb::ClusterStatus {
     pb::ClusterStatus {
         component: COMPONENT.to_owned(),
         cluster: cfg.cluster.to_string(),
@@ -291,7 +313,7 @@ pub fn status_to_proto(status: &ExportStatus, cfg: &ExportConfig) -> pb::Cluster
         synced_kinds: status.synced.clone(),
         last_error: status.last_error.clone().unwrap_or_default(),
         errors: status.errors,
-        peers: Vec::new(),
+        peers: peers.iter().map(|p| p.to_proto(None)).collect(),
         datapath: String::new(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         peer_config_errors: Vec::new(),
@@ -558,7 +580,20 @@ mod tests {
         assert_eq!(i.labels, ["k8s:app=web", "mesh:io.meshd.cluster=east"]);
 
         let cfg = ExportConfig::new(east, ClusterId::new(1, m).unwrap(), m);
-        let st = status_to_proto(&ExportStatus::default(), &cfg);
+        let mut west = meshd::remote::PeerStatus::new(&ClusterName::new("west").unwrap());
+        west.state = meshd::remote::PeerState::Ready;
+        west.failures = 2;
+        let with_peer = status_to_proto(&ExportStatus::default(), &cfg, &[west]);
+        assert_eq!(with_peer.peers.len(), 1);
+        assert_eq!(
+            (
+                with_peer.peers[0].name.as_str(),
+                with_peer.peers[0].state.as_str()
+            ),
+            ("west", "ready")
+        );
+        assert_eq!(with_peer.peers[0].failures, 2);
+        let st = status_to_proto(&ExportStatus::default(), &cfg, &[]);
         assert_eq!(st.component, COMPONENT);
         assert!(!st.ready);
         assert!(!st.not_ready_reason.is_empty());

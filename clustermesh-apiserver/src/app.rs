@@ -176,7 +176,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     // Any component ending stops the others.
     let stop = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
-    let api = ClusterMeshApi::new(cfg.clone(), status.clone(), store.clone());
+    let (peers_tx, peers_rx) = watch::channel(Vec::new());
+    let api = ClusterMeshApi::new(cfg.clone(), status.clone(), store.clone()).with_peers(peers_rx);
     tasks.spawn({
         let stop = stop.clone();
         async move {
@@ -206,7 +207,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             peers_dir,
             heartbeat_mirror: Duration::from_secs(1),
         };
-        let (peers_tx, _peers) = watch::channel(Vec::new());
         tasks.spawn({
             let (stop, store, m) = (stop.clone(), store.clone(), reflector_metrics.clone());
             async move {

@@ -5,10 +5,10 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = meshd::ctl::Cli::parse();
     match meshd::ctl::run(&cli, &mut std::io::stdout().lock()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(status) => std::process::ExitCode::from(status.exit_code()),
         Err(e) => {
-            eprintln!("meshctl: {e}");
-            std::process::ExitCode::from(2)
+            eprintln!("meshctl: {}", meshd::ctl::error_chain(&e));
+            std::process::ExitCode::FAILURE
         }
     }
 }

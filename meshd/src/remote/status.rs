@@ -90,3 +90,24 @@ impl PeerStatus {
         self.state == PeerState::Ready
     }
 }
+
+impl PeerStatus {
+    /// The wire form (`mesh.v1.PeerStatus`), with the peer credential's client certificate
+    /// expiry (unix seconds) when known.
+    pub fn to_proto(&self, cert_not_after: Option<i64>) -> mesh_proto::v1::PeerStatus {
+        mesh_proto::v1::PeerStatus {
+            name: self.name.to_string(),
+            cluster_id: self.cluster_id.map_or(0, |id| u32::from(id.get())),
+            state: self.state.as_str().to_owned(),
+            connected: self.connected,
+            synced_kinds: self.synced.iter().map(|k| k.as_str().to_owned()).collect(),
+            counts: self.counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            last_error: self.last_error.clone().unwrap_or_default(),
+            last_failure_unix_ms: self.last_failure.map_or(0, |t| {
+                i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+            }),
+            failures: self.failures,
+            cert_not_after_unix: cert_not_after.unwrap_or(0),
+        }
+    }
+}

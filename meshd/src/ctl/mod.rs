@@ -1,0 +1,173 @@
+//! meshctl command logic (the binary in `src/bin/meshctl.rs` only parses and calls `run`).
+
+mod certs;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub use certs::{CertsCommand, OutputFormat, UsageArg, parse_validity, parse_window};
+
+/// meshctl: run and inspect a meshd mesh.
+#[derive(Debug, Parser)]
+#[command(name = "meshctl", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// meshctl subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a whole mesh on this machine (etcd, apiserver and agent per cluster).
+    Up {
+        /// Number of clusters.
+        #[arg(long, default_value_t = 2)]
+        clusters: u16,
+    },
+    /// Create cluster CAs, issue certificates and inspect certificate files.
+    Certs {
+        /// What to do with certificates.
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Print the version.
+    Version,
+}
+
+/// How a command that ran to completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Everything is fine (exit code 0).
+    Ok,
+    /// The command ran, but found problems, e.g. expired or unverifiable certificates
+    /// (exit code [`Status::PROBLEMS_EXIT_CODE`]).
+    Problems,
+}
+
+impl Status {
+    /// Exit code for [`Status::Problems`].
+    pub const PROBLEMS_EXIT_CODE: u8 = 2;
+
+    /// The process exit code for this status.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Status::Ok => 0,
+            Status::Problems => Self::PROBLEMS_EXIT_CODE,
+        }
+    }
+}
+
+/// What went wrong running a command.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The command is not built yet.
+    #[error("`meshctl {0}` is not implemented yet (tracked in the meshctl issue)")]
+    NotYet(&'static str),
+    /// Writing output failed.
+    #[error("writing output: {0}")]
+    Io(#[from] std::io::Error),
+    /// `certs init` would overwrite an existing CA.
+    #[error("CA file {path} already exists; pass --force to replace the CA")]
+    CaExists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// `certs issue` would overwrite an existing certificate or key.
+    #[error("{path} already exists; pass --force to overwrite it")]
+    FileExists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// The CA to issue from is not there.
+    #[error("CA {what} {path} not found; create the CA first with `meshctl certs init --dir {dir}`", dir = .dir.display())]
+    CaMissing {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The missing file.
+        path: PathBuf,
+        /// The directory given with --dir.
+        dir: PathBuf,
+    },
+    /// An `--ip` value is not an IP address.
+    #[error("--ip {value:?} is not an IP address: {source}")]
+    InvalidIp {
+        /// The value as given.
+        value: String,
+        /// The parse error.
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// A command-line value is unusable.
+    #[error("{flag} {value:?}: {reason}")]
+    InvalidArg {
+        /// The flag, e.g. `--name`.
+        flag: &'static str,
+        /// The value as given.
+        value: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// Reading an input file failed.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file does not hold PEM certificates.
+    #[error("{path}: {reason}")]
+    BadPem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A certificate operation failed.
+    #[error("{context}: {source}")]
+    Cert {
+        /// What was being done, naming the file(s).
+        context: String,
+        /// The mesh-certs error.
+        #[source]
+        source: mesh_certs::CertError,
+    },
+    /// Encoding JSON output failed.
+    #[error("encoding JSON output: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Runs a parsed command, writing its output to `out`.
+///
+/// `Ok(Status::Problems)` means the command ran but found something a script should react to
+/// (see [`Status`]); errors mean it could not do its job.
+pub fn run(cli: &Cli, out: &mut impl Write) -> Result<Status, CtlError> {
+    match &cli.command {
+        Command::Up { .. } => Err(CtlError::NotYet("up")),
+        Command::Certs { command } => certs::run(command, out),
+        Command::Version => {
+            writeln!(out, "meshctl {}", env!("CARGO_PKG_VERSION"))?;
+            Ok(Status::Ok)
+        }
+    }
+}
+
+/// `err` followed by its `source()` chain, joined with `": "`, skipping causes whose text the
+/// previous message already contains.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = e.source();
+    }
+    text
+}
