@@ -323,6 +323,11 @@ impl Supervisor {
             self.set_state(PeerState::Connecting);
             let ended = self.connect_and_serve(&mut backoff, &mut drained).await;
             self.ids.release(&self.name);
+            // A connection that got ready ends any earlier outage: the cache TTL counts
+            // from this failure.
+            if self.status.borrow().state == PeerState::Ready {
+                down_since = None;
+            }
             match ended {
                 Ended::Stopped => break,
                 Ended::Failed(e) => {
@@ -368,9 +373,6 @@ impl Supervisor {
                         break;
                     }
                 }
-            }
-            if self.status.borrow().state == PeerState::Ready {
-                down_since = None;
             }
         }
         if !drained && self.drain_on_stop.load(Ordering::Relaxed) {

@@ -277,3 +277,32 @@ async fn stop_keep_data_does_not_drain() {
         "{rest:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_cache_ttl_counts_from_the_latest_outage() {
+    let store = MemoryStore::new();
+    seed(&store, 2, 2, time::OffsetDateTime::now_utc()).await;
+    let mut c = cfg();
+    c.cache_ttl = Duration::from_secs(30);
+    let (r, mut rx) = spawn(&store, c, &IdRegistry::default());
+    wait_state(&r, PeerState::Ready).await;
+    // A 20 s outage (shorter than the TTL), then recovery.
+    store.fail_next(usize::MAX);
+    store.break_watches();
+    wait_state(&r, PeerState::Backoff).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    store.fail_next(0);
+    wait_state(&r, PeerState::Ready).await;
+    // A second outage: the data must stay for a full TTL from its start.
+    while rx.try_recv().is_ok() {}
+    store.fail_next(usize::MAX);
+    store.break_watches();
+    let start = tokio::time::Instant::now();
+    let evs = until(&mut rx, |e| matches!(e, ClusterEvent::Drain { .. })).await;
+    assert!(
+        start.elapsed() >= Duration::from_secs(30),
+        "drained {:?} into the second outage: {evs:?}",
+        start.elapsed()
+    );
+    r.stop().await;
+}
