@@ -1,6 +1,8 @@
 //! meshctl command logic (the binary in `src/bin/meshctl.rs` only parses and calls `run`).
 
 mod certs;
+mod etcd_auth;
+mod up;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,6 +10,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 pub use certs::{CertsCommand, OutputFormat, UsageArg, parse_validity, parse_window};
+pub use up::{ClusterState, DownArgs, MeshState, ProcState, UpArgs};
 
 /// meshctl: run and inspect a meshd mesh.
 #[derive(Debug, Parser)]
@@ -22,11 +25,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a whole mesh on this machine (etcd, apiserver and agent per cluster).
-    Up {
-        /// Number of clusters.
-        #[arg(long, default_value_t = 2)]
-        clusters: u16,
-    },
+    Up(UpArgs),
+    /// Stop everything `meshctl up` started (exactly the recorded processes).
+    Down(DownArgs),
     /// Create cluster CAs, issue certificates and inspect certificate files.
     Certs {
         /// What to do with certificates.
@@ -136,6 +137,9 @@ pub enum CtlError {
         #[source]
         source: mesh_certs::CertError,
     },
+    /// `meshctl up` / `down` could not do its job.
+    #[error("{0}")]
+    Up(String),
     /// Encoding JSON output failed.
     #[error("encoding JSON output: {0}")]
     Json(#[from] serde_json::Error),
@@ -147,7 +151,8 @@ pub enum CtlError {
 /// (see [`Status`]); errors mean it could not do its job.
 pub fn run(cli: &Cli, out: &mut impl Write) -> Result<Status, CtlError> {
     match &cli.command {
-        Command::Up { .. } => Err(CtlError::NotYet("up")),
+        Command::Up(args) => up::up(args, out),
+        Command::Down(args) => up::down(args, out),
         Command::Certs { command } => certs::run(command, out),
         Command::Version => {
             writeln!(out, "meshctl {}", env!("CARGO_PKG_VERSION"))?;

@@ -1,0 +1,868 @@
+//! `meshctl up` / `meshctl down`: a whole mesh on this machine (DESIGN §8).
+//!
+//! ```text
+//!  up:  per cluster  pki/ (CA, etcd server, root/apiserver/agent clients, gRPC servers)
+//!                    etcd (TLS, client-cert auth, auth on) ── bootstrap users/roles
+//!       every pair   remote-<A> in B's etcd + <A>/peers/<B>.kubeconfig
+//!       per cluster  clustermesh-apiserver + mesh-agent (detached with setsid, logs/)
+//!       state.json   every PID and port (written after each start), then wait for /readyz
+//!  down: SIGTERM exactly the recorded PIDs still running our binaries, 10 s, then SIGKILL
+//! ```
+
+use std::collections::HashSet;
+use std::io::{IsTerminal, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use mesh_certs::{CertRequest, CertificateAuthority};
+use serde::{Deserialize, Serialize};
+
+use super::etcd_auth;
+use super::{CtlError, Status};
+use crate::kv::{EtcdConfig, EtcdStore};
+use crate::model::{ClusterId, ClusterName, MaxConnectedClusters};
+use crate::peers::{PeerCredential, write_peer_file};
+
+const STATE_FILE: &str = "state.json";
+const ETCD_BIN: &str = "etcd";
+const APISERVER_BIN: &str = "clustermesh-apiserver";
+const AGENT_BIN: &str = "mesh-agent";
+const CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Arguments of `meshctl up`.
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Number of clusters (at most as many as the examples directory has cluster dirs).
+    #[arg(long, default_value_t = 2)]
+    pub clusters: u16,
+    /// Where certificates, data, logs and state.json live.
+    #[arg(long, default_value = ".meshd")]
+    pub state_dir: PathBuf,
+    /// Directory with one sub-directory of manifests per cluster (sorted names become the
+    /// clusters, IDs 1..N).
+    #[arg(long, default_value = "deploy/examples")]
+    pub examples: PathBuf,
+    /// Directory holding clustermesh-apiserver and mesh-agent (default: meshctl's own).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// How long to wait for every agent to become ready, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+}
+
+/// Arguments of `meshctl down`.
+#[derive(Debug, Clone, Args)]
+pub struct DownArgs {
+    /// The state directory given to `meshctl up`.
+    #[arg(long, default_value = ".meshd")]
+    pub state_dir: PathBuf,
+    /// Also remove the state directory (certificates, data, logs).
+    #[arg(long)]
+    pub purge: bool,
+}
+
+/// One process `up` started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcState {
+    /// `etcd`, `apiserver` or `agent`.
+    pub role: String,
+    /// The binary's file name, checked against `/proc/<pid>/cmdline` before signalling.
+    pub binary: String,
+    /// Process ID.
+    pub pid: u32,
+    /// Log file.
+    pub log: PathBuf,
+}
+
+/// One cluster of the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterState {
+    /// Cluster name.
+    pub name: String,
+    /// Cluster ID.
+    pub id: u32,
+    /// etcd client port (`https://127.0.0.1:<port>`).
+    pub etcd_port: u16,
+    /// etcd peer port.
+    pub etcd_peer_port: u16,
+    /// apiserver gRPC port.
+    pub apiserver_grpc_port: u16,
+    /// apiserver health port (plain HTTP).
+    pub apiserver_health_port: u16,
+    /// agent gRPC port.
+    pub agent_grpc_port: u16,
+    /// agent health port (plain HTTP `/readyz`).
+    pub agent_health_port: u16,
+    /// The processes, in start order.
+    pub processes: Vec<ProcState>,
+}
+
+/// `DIR/state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshState {
+    /// The state directory (absolute).
+    pub state_dir: PathBuf,
+    /// The clusters.
+    pub clusters: Vec<ClusterState>,
+}
+
+impl MeshState {
+    fn all_procs(&self) -> impl Iterator<Item = &ProcState> {
+        self.clusters.iter().flat_map(|c| c.processes.iter())
+    }
+
+    fn save(&self) -> Result<(), CtlError> {
+        let path = self.state_dir.join(STATE_FILE);
+        let tmp = self.state_dir.join(".state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    fn load(dir: &Path) -> Result<Option<Self>, CtlError> {
+        let path = dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| {
+                fail(format!("{}: not a meshctl state file: {e}", path.display()))
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(CtlError::Read { path, source }),
+        }
+    }
+}
+
+fn fail(msg: impl Into<String>) -> CtlError {
+    CtlError::Up(msg.into())
+}
+
+/// Whether `pid` is a live (non-zombie) process running `binary` with `state_dir` on its
+/// command line — i.e. one we started.
+fn is_ours(pid: u32, binary: &str, state_dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Field 3 (after the parenthesised comm) is the state; Z/X = dead.
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.trim_start())
+            && (rest.starts_with('Z') || rest.starts_with('X'))
+        {
+            return false;
+        }
+    }
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let bin_ok = args.first().is_some_and(|a0| {
+        Path::new(std::ffi::OsStr::from_bytes(a0))
+            .file_name()
+            .is_some_and(|n| n == binary)
+    });
+    let dir = state_dir.as_os_str().as_encoded_bytes();
+    let dir_ok = args.iter().any(|a| a.windows(dir.len()).any(|w| w == dir));
+    bin_ok && dir_ok
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, CtlError> {
+    Ok(std::path::absolute(p)?)
+}
+
+fn free_ports(n: usize) -> Result<Vec<u16>, CtlError> {
+    // Hold every listener until all are picked, so the ports are distinct.
+    let mut listeners = Vec::with_capacity(n);
+    let mut seen = HashSet::new();
+    while listeners.len() < n {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        if seen.insert(l.local_addr()?.port()) {
+            listeners.push(l);
+        }
+    }
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+fn cert_err(context: String) -> impl FnOnce(mesh_certs::CertError) -> CtlError {
+    move |source| CtlError::Cert { context, source }
+}
+
+fn tail(path: &Path, max: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let start = s.len().saturating_sub(max);
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    s[start..].to_owned()
+}
+
+/// GET `http://127.0.0.1:<port><path>`: (status code, body).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let addr = (Ipv4Addr::LOCALHOST, port).into();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+fn etcd_bin() -> PathBuf {
+    std::env::var_os("MESH_ETCD_BIN").map_or_else(|| PathBuf::from("/usr/bin/etcd"), PathBuf::from)
+}
+
+/// Starts `bin` detached (own session via `setsid`, which execs in place so the PID is the
+/// program's), stdin from /dev/null, stdout+stderr appended to `log`.
+fn spawn_detached(bin: &Path, args: &[String], log: &Path) -> Result<Child, CtlError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new("setsid")
+        .arg(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+        .map_err(|e| fail(format!("starting {} (via setsid): {e}", bin.display())))
+}
+
+struct Plan {
+    name: ClusterName,
+    id: u32,
+    dir: PathBuf,
+    manifests: PathBuf,
+    ca: CertificateAuthority,
+}
+
+impl Plan {
+    fn pki(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+    fn pki_file(&self, f: &str) -> String {
+        self.pki().join(f).display().to_string()
+    }
+    fn log(&self, role: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{role}.log"))
+    }
+}
+
+fn root_config(p: &Plan, port: u16) -> Result<EtcdConfig, CtlError> {
+    let read = |f: &str| {
+        let path = p.pki().join(f);
+        std::fs::read_to_string(&path).map_err(|source| CtlError::Read { path, source })
+    };
+    Ok(EtcdConfig {
+        endpoints: vec![format!("https://127.0.0.1:{port}")],
+        ca_pem: Some(read("ca.crt")?),
+        cert_pem: Some(read("root.crt")?),
+        key_pem: Some(read("root.key")?),
+        tls_server_name: Some("localhost".into()),
+        connect_timeout: Some(Duration::from_secs(2)),
+        request_timeout: Some(Duration::from_secs(10)),
+        ..EtcdConfig::default()
+    })
+}
+
+fn example_clusters(examples: &Path) -> Result<Vec<(String, PathBuf)>, CtlError> {
+    let rd = std::fs::read_dir(examples).map_err(|source| CtlError::Read {
+        path: examples.to_owned(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type()?.is_dir() && !name.starts_with('.') {
+            out.push((name, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `meshctl up`.
+pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError> {
+    std::fs::create_dir_all(&args.state_dir)?;
+    let state_dir = absolute(&args.state_dir)?;
+    if let Some(st) = MeshState::load(&state_dir)? {
+        let alive: Vec<&ProcState> = st
+            .all_procs()
+            .filter(|p| is_ours(p.pid, &p.binary, &state_dir))
+            .collect();
+        let total = st.all_procs().count();
+        if total > 0 && alive.len() == total {
+            writeln!(out, "mesh already up in {}", state_dir.display())?;
+            print_summary(&st, out)?;
+            return Ok(Status::Ok);
+        }
+        if !alive.is_empty() {
+            return Err(fail(format!(
+                "a mesh in {} is partially running ({} of {total} processes); run `meshctl down --state-dir {}` first",
+                state_dir.display(),
+                alive.len(),
+                state_dir.display()
+            )));
+        }
+        // Stale state: nothing of it runs any more; start over.
+        for c in &st.clusters {
+            let _ = std::fs::remove_dir_all(state_dir.join(&c.name));
+        }
+        std::fs::remove_file(state_dir.join(STATE_FILE))?;
+    }
+
+    // Inputs.
+    let examples = example_clusters(&args.examples)?;
+    let n = usize::from(args.clusters);
+    if n == 0 || n > examples.len() {
+        return Err(CtlError::InvalidArg {
+            flag: "--clusters",
+            value: args.clusters.to_string(),
+            reason: format!(
+                "must be between 1 and {} (the number of cluster directories in {}: {})",
+                examples.len(),
+                args.examples.display(),
+                examples
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    let bin_dir = match &args.bin_dir {
+        Some(d) => absolute(d)?,
+        None => std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| fail("cannot find meshctl's directory; pass --bin-dir"))?,
+    };
+    let apiserver_bin = bin_dir.join(APISERVER_BIN);
+    let agent_bin = bin_dir.join(AGENT_BIN);
+    for b in [&apiserver_bin, &agent_bin] {
+        if !b.exists() {
+            return Err(fail(format!(
+                "{} not found; build it (`cargo build --workspace --bins`) or pass --bin-dir",
+                b.display()
+            )));
+        }
+    }
+    let etcd = etcd_bin();
+    if !etcd.exists() {
+        return Err(fail(format!(
+            "{} not found (install etcd-server or set MESH_ETCD_BIN)",
+            etcd.display()
+        )));
+    }
+
+    // PKI.
+    let mut plans = Vec::new();
+    for (i, (name, manifests)) in examples.into_iter().take(n).enumerate() {
+        let cname = ClusterName::new(name.clone()).map_err(|e| CtlError::InvalidArg {
+            flag: "--examples",
+            value: name.clone(),
+            reason: format!("directory name is not a cluster name: {e}"),
+        })?;
+        let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        let dir = state_dir.join(&name);
+        // A fresh start: nothing of an earlier run (etcd data with auth on) may remain.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        for sub in ["pki", "peers", "logs", "data"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let ca = CertificateAuthority::generate(&format!("meshd-{name}-ca"), CERT_VALIDITY * 10)
+            .map_err(cert_err(format!("creating the CA of {name}")))?;
+        let plan = Plan {
+            name: cname,
+            id,
+            dir,
+            manifests: absolute(&manifests)?,
+            ca,
+        };
+        let pki = plan.pki();
+        plan.ca
+            .write_files(&pki, "ca")
+            .map_err(cert_err(format!("writing {}", pki.display())))?;
+        let lo = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        let reqs = [
+            (
+                "etcd-server",
+                CertRequest::server_and_client("etcd", &["localhost"], &lo),
+            ),
+            ("root", CertRequest::client("root")),
+            (
+                "apiserver",
+                CertRequest::client(&etcd_auth::apiserver_user(&name)),
+            ),
+            ("agent", CertRequest::client(&etcd_auth::agent_user(&name))),
+            (
+                "apiserver-grpc",
+                CertRequest::server("clustermesh-apiserver", &["localhost"], &lo),
+            ),
+            (
+                "agent-grpc",
+                CertRequest::server("mesh-agent", &["localhost"], &lo),
+            ),
+        ];
+        for (stem, req) in reqs {
+            plan.ca
+                .issue(&req.with_validity(CERT_VALIDITY))
+                .and_then(|c| c.write_files(&pki, stem).map(|_| ()))
+                .map_err(cert_err(format!("issuing {stem} for {name}")))?;
+        }
+        plans.push(plan);
+    }
+
+    let ports = free_ports(6 * n)?;
+    let mut state = MeshState {
+        state_dir: state_dir.clone(),
+        clusters: plans
+            .iter()
+            .zip(ports.chunks(6))
+            .map(|(p, pt)| ClusterState {
+                name: p.name.to_string(),
+                id: p.id,
+                etcd_port: pt[0],
+                etcd_peer_port: pt[1],
+                apiserver_grpc_port: pt[2],
+                apiserver_health_port: pt[3],
+                agent_grpc_port: pt[4],
+                agent_health_port: pt[5],
+                processes: Vec::new(),
+            })
+            .collect(),
+    };
+    state.save()?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    let result = rt.block_on(start_all(
+        &plans,
+        &mut state,
+        &mut children,
+        &etcd,
+        &apiserver_bin,
+        &agent_bin,
+        out,
+    ));
+    if let Err(e) = result {
+        writeln!(
+            out,
+            "meshctl up failed; what started is recorded in {} (stop it with `meshctl down --state-dir {}`)",
+            state_dir.join(STATE_FILE).display(),
+            state_dir.display()
+        )?;
+        return Err(e);
+    }
+    wait_ready(
+        &state,
+        &mut children,
+        Duration::from_secs(args.timeout_secs),
+        out,
+    )?;
+    writeln!(out, "mesh is up")?;
+    print_summary(&state, out)?;
+    Ok(Status::Ok)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_all(
+    plans: &[Plan],
+    state: &mut MeshState,
+    children: &mut Vec<(usize, Child)>,
+    etcd: &Path,
+    apiserver_bin: &Path,
+    agent_bin: &Path,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    // etcd per cluster, then auth bootstrap.
+    let mut roots = Vec::new();
+    for (i, p) in plans.iter().enumerate() {
+        let cs = state.clusters[i].clone();
+        let client = format!("https://127.0.0.1:{}", cs.etcd_port);
+        let peer = format!("http://127.0.0.1:{}", cs.etcd_peer_port);
+        let member = format!("meshd-{}", p.name);
+        let a: Vec<String> = vec![
+            "--name".into(),
+            member.clone(),
+            "--data-dir".into(),
+            p.dir.join("data").join("etcd").display().to_string(),
+            "--listen-client-urls".into(),
+            client.clone(),
+            "--advertise-client-urls".into(),
+            client.clone(),
+            "--listen-peer-urls".into(),
+            peer.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer.clone(),
+            "--initial-cluster".into(),
+            format!("{member}={peer}"),
+            "--cert-file".into(),
+            p.pki_file("etcd-server.crt"),
+            "--key-file".into(),
+            p.pki_file("etcd-server.key"),
+            "--trusted-ca-file".into(),
+            p.pki_file("ca.crt"),
+            "--client-cert-auth".into(),
+            "--logger".into(),
+            "zap".into(),
+            "--log-level".into(),
+            "warn".into(),
+        ];
+        let log = p.log("etcd");
+        let mut child = spawn_detached(etcd, &a, &log)?;
+        record(state, i, "etcd", ETCD_BIN, child.id(), log.clone())?;
+        writeln!(
+            out,
+            "{}: etcd started (pid {}) on {client}",
+            p.name,
+            child.id()
+        )?;
+        let cfg = root_config(p, cs.etcd_port)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let store = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(fail(format!(
+                    "{}: etcd exited with {st} during start-up; log {}:\n{}",
+                    p.name,
+                    log.display(),
+                    tail(&log, 2000)
+                )));
+            }
+            if let Ok(store) = EtcdStore::connect(&cfg).await
+                && store.client().status().await.is_ok()
+            {
+                break store;
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!(
+                    "{}: etcd on {client} not ready after 30 s; log {}:\n{}",
+                    p.name,
+                    log.display(),
+                    tail(&log, 2000)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        children.push((i, child));
+        let root = store.client();
+        etcd_auth::bootstrap(&root, p.name.as_str())
+            .await
+            .map_err(fail)?;
+        roots.push(root);
+    }
+
+    // Every pair: A reads B with remote-A in B's etcd.
+    let mode = MaxConnectedClusters::from_u32(255).map_err(|e| fail(e.to_string()))?;
+    for (a, pa) in plans.iter().enumerate() {
+        for (b, pb) in plans.iter().enumerate() {
+            if a == b {
+                continue;
+            }
+            let user = etcd_auth::remote_user(pa.name.as_str());
+            etcd_auth::add_remote_user(&roots[b], pa.name.as_str())
+                .await
+                .map_err(fail)?;
+            let cert = pb
+                .ca
+                .issue(&CertRequest::client(&user).with_validity(CERT_VALIDITY))
+                .map_err(cert_err(format!("issuing {user} for {}", pb.name)))?;
+            let cred = PeerCredential {
+                name: pb.name.clone(),
+                cluster_id: ClusterId::new(pb.id, mode).map_err(|e| fail(e.to_string()))?,
+                max_connected_clusters: mode,
+                server: format!("https://127.0.0.1:{}", state.clusters[b].etcd_port),
+                ca_pem: pb.ca.cert_pem().to_owned(),
+                cert_pem: cert.cert_pem,
+                key_pem: cert.key_pem,
+                tls_server_name: Some("localhost".into()),
+            };
+            let path = write_peer_file(&pa.dir.join("peers"), &cred, &user)?;
+            writeln!(out, "{} -> {}: {}", pa.name, pb.name, path.display())?;
+        }
+    }
+
+    // apiserver + agent per cluster.
+    for (i, p) in plans.iter().enumerate() {
+        let cs = state.clusters[i].clone();
+        let etcd_flags = |stem: &str| -> Vec<String> {
+            vec![
+                "--cluster-name".into(),
+                p.name.to_string(),
+                "--cluster-id".into(),
+                p.id.to_string(),
+                "--etcd-endpoint".into(),
+                format!("https://127.0.0.1:{}", cs.etcd_port),
+                "--etcd-ca".into(),
+                p.pki_file("ca.crt"),
+                "--etcd-cert".into(),
+                p.pki_file(&format!("{stem}.crt")),
+                "--etcd-key".into(),
+                p.pki_file(&format!("{stem}.key")),
+                "--etcd-server-name".into(),
+                "localhost".into(),
+                "--peers-dir".into(),
+                p.dir.join("peers").display().to_string(),
+                "--grpc-cert".into(),
+                p.pki_file(&format!("{stem}-grpc.crt")),
+                "--grpc-key".into(),
+                p.pki_file(&format!("{stem}-grpc.key")),
+                "--grpc-client-ca".into(),
+                p.pki_file("ca.crt"),
+            ]
+        };
+        let mut a = etcd_flags("apiserver");
+        a.extend([
+            "--manifests".into(),
+            p.manifests.display().to_string(),
+            "--clusterset-cidr".into(),
+            format!("198.19.{}.0/24", 128 + (p.id % 128)),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{}", cs.apiserver_grpc_port),
+            "--health-listen".into(),
+            format!("127.0.0.1:{}", cs.apiserver_health_port),
+        ]);
+        let log = p.log("apiserver");
+        let child = spawn_detached(apiserver_bin, &a, &log)?;
+        record(state, i, "apiserver", APISERVER_BIN, child.id(), log)?;
+        writeln!(
+            out,
+            "{}: clustermesh-apiserver started (pid {})",
+            p.name,
+            child.id()
+        )?;
+        children.push((i, child));
+
+        let mut a = etcd_flags("agent");
+        a.extend([
+            "--peer-access".into(),
+            "cached".into(),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{}", cs.agent_grpc_port),
+            "--health-listen".into(),
+            format!("127.0.0.1:{}", cs.agent_health_port),
+        ]);
+        let log = p.log("agent");
+        let child = spawn_detached(agent_bin, &a, &log)?;
+        record(state, i, "agent", AGENT_BIN, child.id(), log)?;
+        writeln!(out, "{}: mesh-agent started (pid {})", p.name, child.id())?;
+        children.push((i, child));
+    }
+    Ok(())
+}
+
+fn record(
+    state: &mut MeshState,
+    cluster: usize,
+    role: &str,
+    binary: &str,
+    pid: u32,
+    log: PathBuf,
+) -> Result<(), CtlError> {
+    state.clusters[cluster].processes.push(ProcState {
+        role: role.into(),
+        binary: binary.into(),
+        pid,
+        log,
+    });
+    state.save()
+}
+
+fn wait_ready(
+    state: &MeshState,
+    children: &mut [(usize, Child)],
+    timeout: Duration,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    let n = state.clusters.len() as u64;
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(n);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {pos}/{len} agents ready {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        // A process that died is fatal.
+        for (i, child) in children.iter_mut() {
+            if let Ok(Some(st)) = child.try_wait() {
+                let pid = child.id();
+                let p = state.clusters[*i].processes.iter().find(|p| p.pid == pid);
+                bar.finish_and_clear();
+                let (role, log) = p.map_or(("process".into(), PathBuf::new()), |p| {
+                    (p.role.clone(), p.log.clone())
+                });
+                return Err(fail(format!(
+                    "{}: {role} (pid {pid}) exited with {st}; log {}:\n{}",
+                    state.clusters[*i].name,
+                    log.display(),
+                    tail(&log, 3000)
+                )));
+            }
+        }
+        let mut not_ready = Vec::new();
+        for c in &state.clusters {
+            match http_get(c.agent_health_port, "/readyz") {
+                Some((200, _)) => {}
+                Some((code, body)) => not_ready.push(format!("{} ({code}: {body})", c.name)),
+                None => not_ready.push(format!("{} (no answer)", c.name)),
+            }
+        }
+        bar.set_position(n - not_ready.len() as u64);
+        if not_ready.is_empty() {
+            bar.finish_and_clear();
+            return Ok(());
+        }
+        bar.set_message(format!("waiting for {}", not_ready.join(", ")));
+        if Instant::now() > deadline {
+            bar.finish_and_clear();
+            writeln!(
+                out,
+                "timed out after {} s waiting for agents: {}",
+                timeout.as_secs(),
+                not_ready.join("; ")
+            )?;
+            for c in &state.clusters {
+                for p in c.processes.iter().filter(|p| p.role != "etcd") {
+                    writeln!(out, "--- {} {} ({}):", c.name, p.role, p.log.display())?;
+                    writeln!(out, "{}", tail(&p.log, 1500))?;
+                }
+            }
+            return Err(fail(format!(
+                "agents not ready after {} s: {}; processes left running (see {}; stop with `meshctl down --state-dir {}`)",
+                timeout.as_secs(),
+                not_ready.join("; "),
+                state.state_dir.join(STATE_FILE).display(),
+                state.state_dir.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn print_summary(st: &MeshState, out: &mut impl Write) -> Result<(), CtlError> {
+    writeln!(out, "state: {}", st.state_dir.join(STATE_FILE).display())?;
+    for c in &st.clusters {
+        let ready = match http_get(c.agent_health_port, "/readyz") {
+            Some((200, _)) => "ready".to_owned(),
+            Some((code, body)) => format!("not ready ({code}: {body})"),
+            None => "not answering".to_owned(),
+        };
+        writeln!(out, "cluster {} (id {}): agent {ready}", c.name, c.id)?;
+        writeln!(out, "  etcd       https://127.0.0.1:{}", c.etcd_port)?;
+        writeln!(
+            out,
+            "  apiserver  grpc 127.0.0.1:{}  health http://127.0.0.1:{}/readyz",
+            c.apiserver_grpc_port, c.apiserver_health_port
+        )?;
+        writeln!(
+            out,
+            "  agent      grpc 127.0.0.1:{}  health http://127.0.0.1:{}/readyz",
+            c.agent_grpc_port, c.agent_health_port
+        )?;
+        for p in &c.processes {
+            writeln!(
+                out,
+                "  {:<10} pid {:<8} log {}",
+                p.role,
+                p.pid,
+                p.log.display()
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "try: curl http://127.0.0.1:{}/readyz; stop with: meshctl down --state-dir {} [--purge]",
+        st.clusters.first().map_or(0, |c| c.agent_health_port),
+        st.state_dir.display()
+    )?;
+    Ok(())
+}
+
+/// `meshctl down`.
+pub(super) fn down(args: &DownArgs, out: &mut impl Write) -> Result<Status, CtlError> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let state_dir = absolute(&args.state_dir)?;
+    let Some(st) = MeshState::load(&state_dir)? else {
+        writeln!(
+            out,
+            "no mesh recorded in {} (no {STATE_FILE}); nothing to stop",
+            state_dir.display()
+        )?;
+        return Ok(Status::Ok);
+    };
+    // Agents and apiservers first, etcd last.
+    let mut procs: Vec<&ProcState> = st.all_procs().collect();
+    procs.sort_by_key(|p| p.role == "etcd");
+    let signal = |p: &ProcState, sig: Signal| -> bool {
+        let Ok(pid) = i32::try_from(p.pid) else {
+            return false;
+        };
+        is_ours(p.pid, &p.binary, &state_dir) && kill(Pid::from_raw(pid), sig).is_ok()
+    };
+    let mut stopping: Vec<&ProcState> = Vec::new();
+    for p in procs {
+        if signal(p, Signal::SIGTERM) {
+            stopping.push(p);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && stopping
+            .iter()
+            .any(|p| is_ours(p.pid, &p.binary, &state_dir))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut killed = 0;
+    for p in &stopping {
+        if signal(p, Signal::SIGKILL) {
+            killed += 1;
+            writeln!(
+                out,
+                "{} (pid {}) did not stop in 10 s; killed",
+                p.role, p.pid
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "stopped {} process(es) ({killed} killed) recorded in {}",
+        stopping.len(),
+        state_dir.join(STATE_FILE).display()
+    )?;
+    if args.purge {
+        // Give killed processes a moment to go, then remove everything.
+        std::thread::sleep(Duration::from_millis(if killed > 0 { 500 } else { 0 }));
+        std::fs::remove_dir_all(&state_dir)?;
+        writeln!(out, "removed {}", state_dir.display())?;
+    }
+    Ok(Status::Ok)
+}
