@@ -184,9 +184,12 @@ pub enum SupervisorError {
         #[source]
         source: KvError,
     },
-    /// The peer's cluster-config is missing or unacceptable.
+    /// The peer's cluster-config is unacceptable.
     #[error("refused: {0}")]
     Refused(String),
+    /// The peer has not exported its cluster-config yet (its apiserver is starting).
+    #[error("{0} does not exist yet")]
+    NotExported(String),
     /// The peer's heartbeat is stale.
     #[error("heartbeat is {age:?} old (threshold {threshold:?})")]
     StaleHeartbeat {
@@ -332,7 +335,11 @@ impl Supervisor {
                 Ended::Stopped => break,
                 Ended::Failed(e) => {
                     let refused = matches!(e, SupervisorError::Refused(_));
-                    tracing::warn!(error = %e, "cluster connection failed");
+                    if matches!(e, SupervisorError::NotExported(_)) {
+                        tracing::info!(error = %e, "cluster not exported yet; retrying");
+                    } else {
+                        tracing::warn!(error = %e, "cluster connection failed");
+                    }
                     self.status.send_modify(|s| {
                         s.state = if refused {
                             PeerState::Refused
@@ -412,7 +419,7 @@ impl Supervisor {
                 step: "read cluster-config",
                 source,
             })?
-            .ok_or_else(|| SupervisorError::Refused(format!("{key} does not exist")))?;
+            .ok_or_else(|| SupervisorError::NotExported(key.clone()))?;
         let cfg = keys::decode_cluster_config(&self.name, &kv.value)
             .map_err(|e| SupervisorError::Refused(e.to_string()))?;
         if matches!(self.source, ClusterSource::Local(_)) {
