@@ -64,9 +64,6 @@ impl Status {
 /// What went wrong running a command.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    /// The command is not built yet.
-    #[error("`meshctl {0}` is not implemented yet (tracked in the meshctl issue)")]
-    NotYet(&'static str),
     /// Writing output failed.
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
