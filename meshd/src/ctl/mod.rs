@@ -2,6 +2,7 @@
 
 mod certs;
 mod etcd_auth;
+mod status;
 mod up;
 
 use std::io::Write;
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 pub use certs::{CertsCommand, OutputFormat, UsageArg, parse_validity, parse_window};
+pub use status::{PeersArgs, ServicesArgs, StatusArgs};
 pub use up::{ClusterState, DownArgs, MeshState, ProcState, UpArgs};
 
 /// meshctl: run and inspect a meshd mesh.
@@ -34,6 +36,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Readiness of every component of a `meshctl up` mesh, with peers and certificate expiry.
+    Status(StatusArgs),
+    /// Global services merged by an agent: ClusterSetIP, affinity, backends per cluster.
+    Services(ServicesArgs),
+    /// Per cluster, the peers its agent is connected to.
+    Peers(PeersArgs),
     /// Print the version.
     Version,
 }
@@ -151,6 +159,9 @@ pub fn run(cli: &Cli, out: &mut impl Write) -> Result<Status, CtlError> {
         Command::Up(args) => up::up(args, out),
         Command::Down(args) => up::down(args, out),
         Command::Certs { command } => certs::run(command, out),
+        Command::Status(args) => status::status(args, out),
+        Command::Services(args) => status::services(args, out),
+        Command::Peers(args) => status::peers(args, out),
         Command::Version => {
             writeln!(out, "meshctl {}", env!("CARGO_PKG_VERSION"))?;
             Ok(Status::Ok)

@@ -1,7 +1,7 @@
 //! `meshctl up` / `meshctl down`: a whole mesh on this machine (DESIGN §8).
 //!
 //! ```text
-//!  up:  per cluster  pki/ (CA, etcd server, root/apiserver/agent clients, gRPC servers)
+//!  up:  per cluster  pki/ (CA, etcd server, root/apiserver/agent/meshctl clients, gRPC servers)
 //!                    etcd (TLS, client-cert auth, auth on) ── bootstrap users/roles
 //!       every pair   remote-<A> in B's etcd + <A>/peers/<B>.kubeconfig
 //!       per cluster  clustermesh-apiserver + mesh-agent (detached with setsid, logs/)
@@ -126,7 +126,7 @@ impl MeshState {
         Ok(())
     }
 
-    fn load(dir: &Path) -> Result<Option<Self>, CtlError> {
+    pub(super) fn load(dir: &Path) -> Result<Option<Self>, CtlError> {
         let path = dir.join(STATE_FILE);
         match std::fs::read(&path) {
             Ok(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| {
@@ -411,6 +411,8 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
                 CertRequest::client(&etcd_auth::apiserver_user(&name)),
             ),
             ("agent", CertRequest::client(&etcd_auth::agent_user(&name))),
+            // gRPC client of `meshctl status` / `services` / `peers`.
+            ("meshctl", CertRequest::client("meshctl")),
             (
                 "apiserver-grpc",
                 CertRequest::server("clustermesh-apiserver", &["localhost"], &lo),

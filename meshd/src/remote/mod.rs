@@ -187,6 +187,9 @@ pub enum SupervisorError {
     /// The peer's cluster-config is unacceptable.
     #[error("refused: {0}")]
     Refused(String),
+    /// No heartbeat has been written yet (or kvstoremesh has not mirrored one).
+    #[error("{0} does not exist yet (no heartbeat)")]
+    NoHeartbeat(String),
     /// The peer has not exported its cluster-config yet (its apiserver is starting).
     #[error("{0} does not exist yet")]
     NotExported(String),
@@ -335,7 +338,10 @@ impl Supervisor {
                 Ended::Stopped => break,
                 Ended::Failed(e) => {
                     let refused = matches!(e, SupervisorError::Refused(_));
-                    if matches!(e, SupervisorError::NotExported(_)) {
+                    if matches!(
+                        e,
+                        SupervisorError::NotExported(_) | SupervisorError::NoHeartbeat(_)
+                    ) {
                         tracing::info!(error = %e, "cluster not exported yet; retrying");
                     } else {
                         tracing::warn!(error = %e, "cluster connection failed");
@@ -488,10 +494,7 @@ impl Supervisor {
                 source,
             })?;
         let Some(kv) = kv else {
-            return Err(SupervisorError::StaleHeartbeat {
-                age: Duration::MAX,
-                threshold: self.cfg.heartbeat_timeout,
-            });
+            return Err(SupervisorError::NoHeartbeat(key));
         };
         let t = keys::decode_time(&Key::Heartbeat, &kv.value)
             .map_err(|e| SupervisorError::Refused(format!("heartbeat: {e}")))?;

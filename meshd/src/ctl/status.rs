@@ -1,0 +1,740 @@
+//! `meshctl status` / `services` / `peers`: ask the components `meshctl up` started, over
+//! their mTLS gRPC API (`mesh.v1.ClusterMesh`).
+//!
+//! ```text
+//!  state.json ─► per cluster: pki/ca.crt + pki/meshctl.{crt,key} (issued from pki/ca.key
+//!                when an older `up` did not write them)
+//!             ─► apiserver GetStatus ─┐
+//!             ─► agent     GetStatus ─┴─► table | json, verdict (exit 0 only when all ready)
+//!  services:     agent ListServices (merged) ─► per service: ClusterSetIP, backends per cluster
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use mesh_certs::{CertRequest, CertificateAuthority};
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::cluster_mesh_client::ClusterMeshClient;
+use serde::Serialize;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use super::certs::{OutputFormat, parse_validity};
+use super::up::{ClusterState, MeshState};
+use super::{CtlError, Status};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(500);
+/// A client certificate expiring sooner than this is flagged.
+const CERT_WARN: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Arguments of `meshctl status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The state directory given to `meshctl up`.
+    #[arg(long, default_value = ".meshd")]
+    pub state_dir: PathBuf,
+    /// Poll until everything is ready (or --timeout passes).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait polls, e.g. 60s, 2m.
+    #[arg(long, default_value = "60s", value_parser = parse_validity)]
+    pub timeout: Duration,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+/// Arguments of `meshctl services`.
+#[derive(Debug, Clone, Args)]
+pub struct ServicesArgs {
+    /// The state directory given to `meshctl up`.
+    #[arg(long, default_value = ".meshd")]
+    pub state_dir: PathBuf,
+    /// Whose agent to ask (default: the first cluster).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+/// Arguments of `meshctl peers`.
+#[derive(Debug, Clone, Args)]
+pub struct PeersArgs {
+    /// The state directory given to `meshctl up`.
+    #[arg(long, default_value = ".meshd")]
+    pub state_dir: PathBuf,
+}
+
+/// What one component answered (or why it did not).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ComponentReport {
+    address: String,
+    reachable: bool,
+    /// Connection or call error; empty when reachable.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    error: String,
+    ready: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    not_ready_reason: String,
+    etcd_reachable: bool,
+    export_counts: BTreeMap<String, u64>,
+    synced_kinds: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    last_error: String,
+    errors: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    version: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    datapath: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    peer_config_errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PeerReport {
+    name: String,
+    cluster_id: u32,
+    state: String,
+    connected: bool,
+    ready: bool,
+    synced_kinds: Vec<String>,
+    counts: BTreeMap<String, u64>,
+    failures: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    last_error: String,
+    last_failure_unix_ms: i64,
+    /// Client certificate expiry, Unix seconds; 0 when unknown.
+    cert_not_after_unix: i64,
+    /// Whole days until that expiry (negative: expired); absent when unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert_days_left: Option<i64>,
+    cert_expiry_warning: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterReport {
+    name: String,
+    id: u32,
+    ready: bool,
+    /// Why the cluster is not ready; empty when it is.
+    problems: Vec<String>,
+    apiserver: ComponentReport,
+    agent: ComponentReport,
+    peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MeshReport {
+    state_dir: PathBuf,
+    ready: bool,
+    verdict: String,
+    clusters: Vec<ClusterReport>,
+}
+
+fn fail(msg: impl Into<String>) -> CtlError {
+    CtlError::Up(msg.into())
+}
+
+fn load_state(dir: &Path) -> Result<MeshState, CtlError> {
+    let dir = std::path::absolute(dir)?;
+    MeshState::load(&dir)?.ok_or_else(|| {
+        fail(format!(
+            "no mesh recorded in {} (no state.json); start one with `meshctl up --state-dir {}`",
+            dir.display(),
+            dir.display()
+        ))
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CtlError> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn read(path: PathBuf) -> Result<String, CtlError> {
+    std::fs::read_to_string(&path).map_err(|source| CtlError::Read { path, source })
+}
+
+/// The TLS client config for `cluster`: its CA and the `meshctl` client certificate
+/// (issued in memory from the CA key when `up` did not write one).
+fn client_tls(state: &MeshState, cluster: &ClusterState) -> Result<ClientTlsConfig, CtlError> {
+    let pki = state.state_dir.join(&cluster.name).join("pki");
+    let ca_pem = read(pki.join("ca.crt"))?;
+    let (cert, key) = match (
+        std::fs::read_to_string(pki.join("meshctl.crt")),
+        std::fs::read_to_string(pki.join("meshctl.key")),
+    ) {
+        (Ok(c), Ok(k)) => (c, k),
+        _ => {
+            let ca = CertificateAuthority::from_files(&pki.join("ca.crt"), &pki.join("ca.key"))
+                .map_err(|source| CtlError::Cert {
+                    context: format!("loading the CA of {} from {}", cluster.name, pki.display()),
+                    source,
+                })?;
+            let c = ca
+                .issue(
+                    &CertRequest::client("meshctl").with_validity(Duration::from_secs(24 * 3600)),
+                )
+                .map_err(|source| CtlError::Cert {
+                    context: format!("issuing a meshctl client certificate for {}", cluster.name),
+                    source,
+                })?;
+            (c.cert_pem, c.key_pem)
+        }
+    };
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name("localhost"))
+}
+
+async fn client(tls: &ClientTlsConfig, port: u16) -> Result<ClusterMeshClient<Channel>, String> {
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{port}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls.clone())
+        .map_err(|e| super::error_chain(&e))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| super::error_chain(&e))?;
+    Ok(ClusterMeshClient::new(channel))
+}
+
+async fn get_status(tls: &ClientTlsConfig, port: u16) -> Result<pb::ClusterStatus, String> {
+    let mut c = client(tls, port).await?;
+    c.get_status(pb::GetStatusRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn component(address: String, r: &Result<pb::ClusterStatus, String>) -> ComponentReport {
+    match r {
+        Ok(s) => ComponentReport {
+            address,
+            reachable: true,
+            error: String::new(),
+            ready: s.ready,
+            not_ready_reason: s.not_ready_reason.clone(),
+            etcd_reachable: s.etcd_reachable,
+            export_counts: s.export_counts.clone().into_iter().collect(),
+            synced_kinds: s.synced_kinds.clone(),
+            last_error: s.last_error.clone(),
+            errors: s.errors,
+            version: s.version.clone(),
+            datapath: s.datapath.clone(),
+            peer_config_errors: s.peer_config_errors.clone(),
+        },
+        Err(e) => ComponentReport {
+            address,
+            reachable: false,
+            error: e.clone(),
+            ready: false,
+            not_ready_reason: String::new(),
+            etcd_reachable: false,
+            export_counts: BTreeMap::new(),
+            synced_kinds: Vec::new(),
+            last_error: String::new(),
+            errors: 0,
+            version: String::new(),
+            datapath: String::new(),
+            peer_config_errors: Vec::new(),
+        },
+    }
+}
+
+fn peer(p: &pb::PeerStatus, now: i64) -> PeerReport {
+    let days =
+        (p.cert_not_after_unix > 0).then(|| (p.cert_not_after_unix - now).div_euclid(86_400));
+    let warn_secs = i64::try_from(CERT_WARN.as_secs()).unwrap_or(i64::MAX);
+    PeerReport {
+        name: p.name.clone(),
+        cluster_id: p.cluster_id,
+        state: p.state.clone(),
+        connected: p.connected,
+        ready: p.state == "ready" && p.connected,
+        synced_kinds: p.synced_kinds.clone(),
+        counts: p.counts.clone().into_iter().collect(),
+        failures: p.failures,
+        last_error: p.last_error.clone(),
+        last_failure_unix_ms: p.last_failure_unix_ms,
+        cert_not_after_unix: p.cert_not_after_unix,
+        cert_days_left: days,
+        cert_expiry_warning: p.cert_not_after_unix > 0 && p.cert_not_after_unix - now < warn_secs,
+    }
+}
+
+async fn cluster_report(state: &MeshState, c: &ClusterState) -> ClusterReport {
+    let (api, agent) = match client_tls(state, c) {
+        Ok(tls) => {
+            tokio::join!(
+                get_status(&tls, c.apiserver_grpc_port),
+                get_status(&tls, c.agent_grpc_port)
+            )
+        }
+        Err(e) => {
+            let e = super::error_chain(&e);
+            (Err(e.clone()), Err(e))
+        }
+    };
+    let now = unix_now();
+    let peers: Vec<PeerReport> = agent
+        .as_ref()
+        .map(|s| s.peers.iter().map(|p| peer(p, now)).collect())
+        .unwrap_or_default();
+    let apiserver = component(format!("127.0.0.1:{}", c.apiserver_grpc_port), &api);
+    let agent = component(format!("127.0.0.1:{}", c.agent_grpc_port), &agent);
+
+    let mut problems = Vec::new();
+    for (what, r) in [("apiserver", &apiserver), ("agent", &agent)] {
+        if !r.reachable {
+            problems.push(format!("{what} unreachable: {}", r.error));
+        } else if !r.ready {
+            problems.push(format!("{what} not ready: {}", r.not_ready_reason));
+        }
+    }
+    if apiserver.reachable && !apiserver.etcd_reachable {
+        problems.push("apiserver cannot reach etcd".into());
+    }
+    if agent.reachable {
+        for other in state.clusters.iter().filter(|o| o.name != c.name) {
+            match peers.iter().find(|p| p.name == other.name) {
+                None => problems.push(format!("peer {} not configured", other.name)),
+                Some(p) if !p.ready => problems.push(format!(
+                    "peer {} {}{}",
+                    p.name,
+                    p.state,
+                    if p.connected { "" } else { ", not connected" }
+                )),
+                Some(_) => {}
+            }
+        }
+        for e in &agent.peer_config_errors {
+            problems.push(format!("peer config rejected: {e}"));
+        }
+    }
+    ClusterReport {
+        name: c.name.clone(),
+        id: c.id,
+        ready: problems.is_empty(),
+        problems,
+        apiserver,
+        agent,
+        peers,
+    }
+}
+
+async fn mesh_report(state: &MeshState) -> MeshReport {
+    let clusters =
+        futures::future::join_all(state.clusters.iter().map(|c| cluster_report(state, c))).await;
+    let not_ready: Vec<&str> = clusters
+        .iter()
+        .filter(|c| !c.ready)
+        .map(|c| c.name.as_str())
+        .collect();
+    let ready = not_ready.is_empty() && !clusters.is_empty();
+    let verdict = if ready {
+        format!("READY: all {} cluster(s) ready", clusters.len())
+    } else if clusters.is_empty() {
+        "NOT READY: no clusters recorded".to_owned()
+    } else {
+        format!(
+            "NOT READY: {} of {} cluster(s) not ready ({})",
+            not_ready.len(),
+            clusters.len(),
+            not_ready.join(", ")
+        )
+    };
+    MeshReport {
+        state_dir: state.state_dir.clone(),
+        ready,
+        verdict,
+        clusters,
+    }
+}
+
+fn counts(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "-".into();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+fn cert_text(p: &PeerReport) -> String {
+    match p.cert_days_left {
+        None => "cert expiry unknown".into(),
+        Some(d) if d < 0 => "cert EXPIRED".into(),
+        Some(d) if p.cert_expiry_warning => format!("cert expires in {d} d (WARNING: < 30 d)"),
+        Some(d) => format!("cert expires in {d} d"),
+    }
+}
+
+fn write_peer(out: &mut impl Write, p: &PeerReport, indent: &str) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{indent}peer {} (id {}): {}{}  synced {}  counts {}  failures {}  {}",
+        p.name,
+        p.cluster_id,
+        p.state,
+        if p.connected {
+            ", connected"
+        } else {
+            ", not connected"
+        },
+        list(&p.synced_kinds),
+        counts(&p.counts),
+        p.failures,
+        cert_text(p)
+    )?;
+    if !p.last_error.is_empty() {
+        writeln!(out, "{indent}  last error: {}", p.last_error)?;
+    }
+    Ok(())
+}
+
+fn write_component(out: &mut impl Write, what: &str, r: &ComponentReport) -> std::io::Result<()> {
+    if !r.reachable {
+        return writeln!(out, "  {what:<10} {}  UNREACHABLE: {}", r.address, r.error);
+    }
+    let ready = if r.ready {
+        "ready".to_owned()
+    } else {
+        format!("NOT READY ({})", r.not_ready_reason)
+    };
+    write!(out, "  {what:<10} {}  {ready}", r.address)?;
+    write!(
+        out,
+        "  etcd {}",
+        if r.etcd_reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        }
+    )?;
+    if !r.datapath.is_empty() {
+        write!(out, "  datapath {}", r.datapath)?;
+    }
+    if !r.version.is_empty() {
+        write!(out, "  version {}", r.version)?;
+    }
+    writeln!(out)?;
+    if what == "apiserver" {
+        writeln!(out, "    exports {}", counts(&r.export_counts))?;
+    }
+    writeln!(
+        out,
+        "    synced {}  errors {}",
+        list(&r.synced_kinds),
+        r.errors
+    )?;
+    if !r.last_error.is_empty() {
+        writeln!(out, "    last error: {}", r.last_error)?;
+    }
+    for e in &r.peer_config_errors {
+        writeln!(out, "    rejected peer config: {e}")?;
+    }
+    Ok(())
+}
+
+fn write_table(out: &mut impl Write, r: &MeshReport) -> std::io::Result<()> {
+    for c in &r.clusters {
+        writeln!(
+            out,
+            "cluster {} (id {}): {}",
+            c.name,
+            c.id,
+            if c.ready { "ready" } else { "NOT READY" }
+        )?;
+        write_component(out, "apiserver", &c.apiserver)?;
+        write_component(out, "agent", &c.agent)?;
+        for p in &c.peers {
+            write_peer(out, p, "    ")?;
+        }
+        for p in &c.problems {
+            writeln!(out, "  problem: {p}")?;
+        }
+    }
+    writeln!(out, "{}", r.verdict)
+}
+
+/// `meshctl status`.
+pub(super) fn status(args: &StatusArgs, out: &mut impl Write) -> Result<Status, CtlError> {
+    let state = load_state(&args.state_dir)?;
+    let rt = runtime()?;
+    let deadline = Instant::now() + args.timeout;
+    let report = rt.block_on(async {
+        loop {
+            let r = mesh_report(&state).await;
+            if r.ready || !args.wait || Instant::now() >= deadline {
+                break r;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    });
+    match args.output {
+        OutputFormat::Table => {
+            write_table(out, &report)?;
+            if args.wait && !report.ready {
+                writeln!(out, "(gave up waiting after {:?})", args.timeout)?;
+            }
+        }
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(&mut *out, &report)?;
+            writeln!(out)?;
+        }
+    }
+    Ok(if report.ready {
+        Status::Ok
+    } else {
+        Status::Problems
+    })
+}
+
+/// `meshctl peers`.
+pub(super) fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<Status, CtlError> {
+    let state = load_state(&args.state_dir)?;
+    let report = runtime()?.block_on(mesh_report(&state));
+    for c in &report.clusters {
+        if !c.agent.reachable {
+            writeln!(
+                out,
+                "{}: agent UNREACHABLE ({}): {}",
+                c.name, c.agent.address, c.agent.error
+            )?;
+            continue;
+        }
+        writeln!(out, "{}: {} peer(s)", c.name, c.peers.len())?;
+        for p in &c.peers {
+            write_peer(out, p, "  ")?;
+        }
+        for e in &c.agent.peer_config_errors {
+            writeln!(out, "  rejected peer config: {e}")?;
+        }
+    }
+    let all_peers_ready = report.clusters.iter().all(|c| {
+        c.agent.reachable
+            && c.agent.peer_config_errors.is_empty()
+            && c.peers.iter().all(|p| p.ready)
+    });
+    Ok(if all_peers_ready {
+        Status::Ok
+    } else {
+        Status::Problems
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterBackends {
+    cluster: String,
+    active: usize,
+    total: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceReport {
+    namespace: String,
+    name: String,
+    cluster_set_ip: String,
+    affinity: String,
+    headless: bool,
+    clusters: Vec<String>,
+    backends: Vec<ClusterBackends>,
+    conflicts: Vec<String>,
+}
+
+fn service_report(s: &pb::Service) -> ServiceReport {
+    let mut order: Vec<String> = s.clusters.clone();
+    for b in &s.backends {
+        if !order.contains(&b.cluster) {
+            order.push(b.cluster.clone());
+        }
+    }
+    let backends = order
+        .iter()
+        .map(|c| {
+            let of: Vec<&pb::Backend> = s.backends.iter().filter(|b| &b.cluster == c).collect();
+            ClusterBackends {
+                cluster: c.clone(),
+                active: of.iter().filter(|b| b.active).count(),
+                total: of.len(),
+            }
+        })
+        .collect();
+    ServiceReport {
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        cluster_set_ip: s.cluster_set_ip.clone(),
+        affinity: s.affinity.clone(),
+        headless: s.headless,
+        clusters: s.clusters.clone(),
+        backends,
+        conflicts: s.conflicts.clone(),
+    }
+}
+
+/// `meshctl services`.
+pub(super) fn services(args: &ServicesArgs, out: &mut impl Write) -> Result<Status, CtlError> {
+    let state = load_state(&args.state_dir)?;
+    let cluster = match &args.cluster {
+        Some(name) => state
+            .clusters
+            .iter()
+            .find(|c| &c.name == name)
+            .ok_or_else(|| CtlError::InvalidArg {
+                flag: "--cluster",
+                value: name.clone(),
+                reason: format!(
+                    "not a cluster of this mesh ({})",
+                    state
+                        .clusters
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?,
+        None => state
+            .clusters
+            .first()
+            .ok_or_else(|| fail("no clusters recorded in state.json"))?,
+    };
+    let tls = client_tls(&state, cluster)?;
+    let port = cluster.agent_grpc_port;
+    let resp = runtime()?.block_on(async {
+        let mut c = client(&tls, port).await?;
+        c.list_services(pb::ListServicesRequest::default())
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    });
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            writeln!(
+                out,
+                "{}: agent UNREACHABLE (127.0.0.1:{port}): {e}",
+                cluster.name
+            )?;
+            return Ok(Status::Problems);
+        }
+    };
+    let services: Vec<ServiceReport> = resp.services.iter().map(service_report).collect();
+    match args.output {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(&mut *out, &services)?;
+            writeln!(out)?;
+        }
+        OutputFormat::Table => {
+            writeln!(
+                out,
+                "global services seen by the agent of {} ({}):",
+                cluster.name,
+                services.len()
+            )?;
+            for s in &services {
+                let ip = if s.cluster_set_ip.is_empty() {
+                    "<none>"
+                } else {
+                    s.cluster_set_ip.as_str()
+                };
+                writeln!(
+                    out,
+                    "{}/{}  clusterset-ip {ip}  affinity {}{}",
+                    s.namespace,
+                    s.name,
+                    s.affinity,
+                    if s.headless { "  headless" } else { "" }
+                )?;
+                let per: Vec<String> = s
+                    .backends
+                    .iter()
+                    .map(|b| format!("{} {}/{}", b.cluster, b.active, b.total))
+                    .collect();
+                writeln!(out, "  backends (active/total): {}", list(&per))?;
+                for c in &s.conflicts {
+                    writeln!(out, "  conflict: {c}")?;
+                }
+            }
+        }
+    }
+    Ok(Status::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_cert_expiry_warns_under_30_days() {
+        let now = 1_000_000_000;
+        let p = |not_after| pb::PeerStatus {
+            name: "west".into(),
+            state: "ready".into(),
+            connected: true,
+            cert_not_after_unix: not_after,
+            ..Default::default()
+        };
+        let soon = peer(&p(now + 10 * 86_400), now);
+        assert!(soon.ready && soon.cert_expiry_warning);
+        assert_eq!(soon.cert_days_left, Some(10));
+        assert!(cert_text(&soon).contains("WARNING"));
+        let later = peer(&p(now + 40 * 86_400), now);
+        assert!(!later.cert_expiry_warning);
+        let unknown = peer(&p(0), now);
+        assert!(!unknown.cert_expiry_warning && unknown.cert_days_left.is_none());
+        assert!(cert_text(&peer(&p(now - 1), now)).contains("EXPIRED"));
+    }
+
+    #[test]
+    fn service_backends_are_counted_per_cluster() {
+        let b = |cluster: &str, active| pb::Backend {
+            cluster: cluster.into(),
+            active,
+            ..Default::default()
+        };
+        let s = pb::Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            clusters: vec!["east".into(), "west".into()],
+            backends: vec![b("east", true), b("east", false), b("west", true)],
+            ..Default::default()
+        };
+        let r = service_report(&s);
+        let got: Vec<(&str, usize, usize)> = r
+            .backends
+            .iter()
+            .map(|b| (b.cluster.as_str(), b.active, b.total))
+            .collect();
+        assert_eq!(got, [("east", 1, 2), ("west", 1, 1)]);
+    }
+}

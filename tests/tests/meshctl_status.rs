@@ -1,0 +1,270 @@
+//! `meshctl status` / `services` / `peers` end to end: a two-cluster mesh started by
+//! `meshctl up`, inspected over the components' mTLS gRPC API, then found down.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use mesh_tests::bin_path;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("deploy/examples")
+}
+
+fn meshctl(args: &[&str], dir: &Path) -> Output {
+    Command::new(bin_path("meshctl"))
+        .args(args)
+        .arg("--state-dir")
+        .arg(dir)
+        .output()
+        .expect("running meshctl")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn read_state(dir: &Path) -> Option<Value> {
+    let b = std::fs::read(dir.join("state.json")).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+fn pids(state: &Value) -> Vec<u32> {
+    state["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["processes"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
+        .collect()
+}
+
+/// Whether `pid` is a live, non-zombie process.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.trim_start())
+            .is_some_and(|r| r.starts_with('Z') || r.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Live processes whose command line mentions `needle`, and whose argv[0] ends in `bin`.
+fn procs_with(bin: &str, needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let argv0 = cmd.split(' ').next().unwrap_or_default();
+        if argv0.ends_with(bin) && cmd.contains(needle) && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Runs `meshctl down --purge` on drop and, as a last resort, SIGKILLs whatever recorded
+/// PID is still alive and any etcd/apiserver/agent naming the temp dir.
+struct MeshGuard {
+    dir: tempfile::TempDir,
+}
+
+impl Drop for MeshGuard {
+    fn drop(&mut self) {
+        let dir = self.dir.path().to_owned();
+        let recorded = read_state(&dir).map(|s| pids(&s)).unwrap_or_default();
+        if dir.join("state.json").exists() {
+            let _ = meshctl(&["down", "--purge"], &dir);
+        }
+        let needle = dir.display().to_string();
+        let mut left: Vec<u32> = recorded.into_iter().filter(|p| alive(*p)).collect();
+        for bin in ["etcd", "clustermesh-apiserver", "mesh-agent"] {
+            left.extend(procs_with(bin, &needle));
+        }
+        for pid in left {
+            if let Ok(p) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+#[test]
+fn status_services_and_peers_of_a_running_mesh() {
+    let guard = MeshGuard {
+        dir: tempfile::Builder::new()
+            .prefix("meshctl-status-")
+            .tempdir()
+            .expect("temp dir"),
+    };
+    let dir = guard.dir.path().to_owned();
+    let examples = examples_dir();
+    let examples = examples.to_str().expect("utf-8 path");
+
+    let up = meshctl(&["up", "--clusters", "2", "--examples", examples], &dir);
+    assert!(up.status.success(), "meshctl up failed:\n{}", text(&up));
+    assert!(
+        dir.join("east/pki/meshctl.crt").exists(),
+        "up issued no meshctl cert"
+    );
+
+    // status --wait: everything ready, both clusters named, each one's peer ready.
+    let st = meshctl(&["status", "--wait", "--timeout", "60s"], &dir);
+    assert!(st.status.success(), "meshctl status failed:\n{}", text(&st));
+    let out = String::from_utf8_lossy(&st.stdout);
+    assert!(out.contains("cluster east (id 1): ready"), "{}", text(&st));
+    assert!(out.contains("cluster west (id 2): ready"), "{}", text(&st));
+    assert!(
+        out.contains("peer west (id 2): ready, connected"),
+        "{}",
+        text(&st)
+    );
+    assert!(
+        out.contains("peer east (id 1): ready, connected"),
+        "{}",
+        text(&st)
+    );
+    assert!(
+        out.contains("READY: all 2 cluster(s) ready"),
+        "{}",
+        text(&st)
+    );
+    assert!(out.contains("cert expires in"), "{}", text(&st));
+
+    // JSON parses and says the same.
+    let js = meshctl(&["status", "-o", "json"], &dir);
+    assert!(js.status.success(), "status -o json failed:\n{}", text(&js));
+    let v: Value = serde_json::from_slice(&js.stdout).expect("status -o json is JSON");
+    assert_eq!(v["ready"], Value::Bool(true), "{v:#}");
+    let clusters = v["clusters"].as_array().expect("clusters");
+    let names: Vec<&str> = clusters.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, ["east", "west"]);
+    for c in clusters {
+        assert_eq!(c["apiserver"]["ready"], Value::Bool(true), "{c:#}");
+        assert_eq!(c["apiserver"]["etcdReachable"], Value::Bool(true), "{c:#}");
+        assert_eq!(c["agent"]["ready"], Value::Bool(true), "{c:#}");
+        let peers = c["peers"].as_array().expect("peers");
+        assert_eq!(peers.len(), 1, "{c:#}");
+        assert_eq!(peers[0]["state"], "ready", "{c:#}");
+    }
+
+    // peers: compact.
+    let pe = meshctl(&["peers"], &dir);
+    assert!(pe.status.success(), "meshctl peers failed:\n{}", text(&pe));
+    let out = String::from_utf8_lossy(&pe.stdout);
+    assert!(
+        out.contains("east: 1 peer(s)") && out.contains("west: 1 peer(s)"),
+        "{}",
+        text(&pe)
+    );
+
+    // services: shop/web with backends of east and west and a ClusterSetIP.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let web = loop {
+        let sv = meshctl(&["services", "-o", "json"], &dir);
+        assert!(
+            sv.status.success(),
+            "meshctl services failed:\n{}",
+            text(&sv)
+        );
+        let v: Value = serde_json::from_slice(&sv.stdout).expect("services -o json is JSON");
+        let web = v
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|s| s["namespace"] == "shop" && s["name"] == "web")
+            .cloned();
+        let complete = web.as_ref().is_some_and(|w| {
+            let with: Vec<&str> = w["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|b| b["total"].as_u64().unwrap_or(0) > 0)
+                .filter_map(|b| b["cluster"].as_str())
+                .collect();
+            with.contains(&"east")
+                && with.contains(&"west")
+                && !w["clusterSetIp"].as_str().unwrap_or("").is_empty()
+        });
+        if complete {
+            break web.expect("web");
+        }
+        assert!(Instant::now() < deadline, "shop/web incomplete: {v:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!("shop/web: {web:#}");
+    let sv = meshctl(&["services"], &dir);
+    assert!(
+        sv.status.success(),
+        "meshctl services failed:\n{}",
+        text(&sv)
+    );
+    let out = String::from_utf8_lossy(&sv.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("shop/web "))
+        .unwrap_or_else(|| panic!("no shop/web line:\n{}", text(&sv)));
+    assert!(
+        line.contains("clusterset-ip ") && !line.contains("<none>"),
+        "{line}"
+    );
+    assert!(
+        out.contains("east ") && out.contains("west "),
+        "{}",
+        text(&sv)
+    );
+    let sv = meshctl(&["services", "--cluster", "west"], &dir);
+    assert!(
+        sv.status.success(),
+        "services --cluster west:\n{}",
+        text(&sv)
+    );
+    assert!(
+        String::from_utf8_lossy(&sv.stdout).contains("shop/web "),
+        "{}",
+        text(&sv)
+    );
+
+    // After down: not ready, non-zero, each cluster reported (no crash).
+    let down = meshctl(&["down"], &dir);
+    assert!(
+        down.status.success(),
+        "meshctl down failed:\n{}",
+        text(&down)
+    );
+    let st = meshctl(&["status"], &dir);
+    assert!(
+        !st.status.success(),
+        "status after down succeeded:\n{}",
+        text(&st)
+    );
+    let out = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        out.contains("UNREACHABLE") && out.contains("NOT READY"),
+        "{}",
+        text(&st)
+    );
+    assert!(
+        out.contains("cluster east") && out.contains("cluster west"),
+        "{}",
+        text(&st)
+    );
+    drop(guard);
+}
