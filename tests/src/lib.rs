@@ -14,6 +14,7 @@
 pub mod etcd;
 pub mod exporter;
 pub mod mesh;
+pub mod meshctl;
 pub mod mirror;
 pub mod objects;
 pub mod util;

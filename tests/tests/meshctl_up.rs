@@ -3,86 +3,11 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use mesh_tests::bin_path;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use serde_json::Value;
-
-fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .join("deploy/examples")
-}
-
-fn meshctl(args: &[&str], dir: &Path) -> Output {
-    Command::new(bin_path("meshctl"))
-        .args(args)
-        .arg("--state-dir")
-        .arg(dir)
-        .output()
-        .expect("running meshctl")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn read_state(dir: &Path) -> Option<Value> {
-    let b = std::fs::read(dir.join("state.json")).ok()?;
-    serde_json::from_slice(&b).ok()
-}
-
-fn pids(state: &Value) -> Vec<u32> {
-    let mut v: Vec<u32> = state["clusters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| c["processes"].as_array().cloned().unwrap_or_default())
-        .filter_map(|p| p["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
-        .collect();
-    v.sort_unstable();
-    v
-}
-
-/// Whether `pid` is a live, non-zombie process.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .map(|(_, r)| r.trim_start())
-            .is_some_and(|r| r.starts_with('Z') || r.starts_with('X')),
-        Err(_) => false,
-    }
-}
-
-/// Live processes whose command line mentions `needle`, and whose argv[0] ends in `bin`.
-fn procs_with(bin: &str, needle: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        let argv0 = cmd.split(' ').next().unwrap_or_default();
-        if argv0.ends_with(bin) && cmd.contains(needle) && alive(pid) {
-            out.push(pid);
-        }
-    }
-    out
-}
+use mesh_tests::meshctl::{
+    MeshGuard, alive, examples_dir, meshctl, pids, procs_with, read_state, text,
+};
 
 fn readyz(port: u16) -> Option<u16> {
     let mut s =
@@ -97,32 +22,6 @@ fn readyz(port: u16) -> Option<u16> {
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     resp.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Runs `meshctl down --purge` on drop and, as a last resort, SIGKILLs whatever recorded
-/// PID is still alive and any etcd/apiserver/agent naming the temp dir.
-struct MeshGuard {
-    dir: tempfile::TempDir,
-}
-
-impl Drop for MeshGuard {
-    fn drop(&mut self) {
-        let dir = self.dir.path().to_owned();
-        let recorded = read_state(&dir).map(|s| pids(&s)).unwrap_or_default();
-        if dir.join("state.json").exists() {
-            let _ = meshctl(&["down", "--purge"], &dir);
-        }
-        let needle = dir.display().to_string();
-        let mut left: Vec<u32> = recorded.into_iter().filter(|p| alive(*p)).collect();
-        for bin in ["etcd", "clustermesh-apiserver", "mesh-agent"] {
-            left.extend(procs_with(bin, &needle));
-        }
-        for pid in left {
-            if let Ok(p) = i32::try_from(pid) {
-                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-            }
-        }
-    }
 }
 
 #[test]
