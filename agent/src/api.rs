@@ -16,9 +16,7 @@ use std::net::IpAddr;
 
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::cluster_mesh_server::{ClusterMesh, ClusterMeshServer};
-use meshd::model::{
-    Affinity, ClusterId, ClusterName, IdentityEntry, IpCacheEntry, MaxConnectedClusters, Protocol,
-};
+use meshd::model::{ClusterId, ClusterName, IdentityEntry, IpCacheEntry, MaxConnectedClusters};
 use meshd::remote::{PeerStatus, SupervisorConfig};
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
@@ -277,13 +275,13 @@ pub fn merged_service_to_proto(s: &MergedService, cluster_id: u32) -> pb::Servic
         name: s.name.clone(),
         global: true,
         shared: !s.backends.is_empty(),
-        affinity: affinity_str(s.affinity).to_owned(),
+        affinity: meshd::wire::affinity(s.affinity).to_owned(),
         headless: s.headless,
         frontends: s.frontends_local.iter().map(IpAddr::to_string).collect(),
         ports: s
             .ports
             .iter()
-            .map(|p| port(&p.name, p.port, p.protocol))
+            .map(|p| meshd::wire::port(&p.name, p.port, p.protocol))
             .collect(),
         backends: s
             .backends
@@ -294,7 +292,7 @@ pub fn merged_service_to_proto(s: &MergedService, cluster_id: u32) -> pb::Servic
                 ports: b
                     .ports
                     .iter()
-                    .map(|p| port(&p.name, p.port, p.protocol))
+                    .map(|p| meshd::wire::port(&p.name, p.port, p.protocol))
                     .collect(),
                 ready: b.ready,
                 hostname: b.hostname.clone().unwrap_or_default(),
@@ -313,49 +311,19 @@ pub fn merged_service_to_proto(s: &MergedService, cluster_id: u32) -> pb::Servic
 
 /// An identity of `cluster` as `Identity`.
 pub fn identity_to_proto(e: &IdentityEntry, cluster: &ClusterName) -> pb::Identity {
-    pb::Identity {
-        id: e.id.get(),
-        cluster: cluster.to_string(),
-        labels: e.labels.iter().map(ToString::to_string).collect(),
-    }
+    meshd::wire::identity(e, cluster)
 }
 
 /// The ipcache entry the agent uses for an IP as `IpCacheEntry`.
 pub fn ip_cache_entry_to_proto(e: &ClusterEntry<IpCacheEntry>) -> pb::IpCacheEntry {
-    let v = &e.value;
-    pb::IpCacheEntry {
-        ip: v.ip.to_string(),
-        prefix_len: u32::from(v.prefix_len),
-        identity: v.identity.get(),
-        cluster: e.cluster.to_string(),
-        host_ip: v.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-        node: v.node.clone().unwrap_or_default(),
-        namespace: v.namespace.clone().unwrap_or_default(),
-        pod: v.pod.clone().unwrap_or_default(),
-    }
-}
-
-fn port(name: &str, number: u16, protocol: Protocol) -> pb::Port {
-    pb::Port {
-        name: name.to_owned(),
-        port: u32::from(number),
-        protocol: protocol.to_string(),
-    }
-}
-
-fn affinity_str(a: Affinity) -> &'static str {
-    match a {
-        Affinity::None => "none",
-        Affinity::Local => "local",
-        Affinity::Remote => "remote",
-    }
+    meshd::wire::ip_cache_entry(&e.value, &e.cluster)
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
-    use meshd::model::{BackendPort, Identity, Labels, ServicePort};
+    use meshd::model::{Affinity, BackendPort, Identity, Labels, Protocol, ServicePort};
     use meshd::remote::PeerState;
 
     use super::*;

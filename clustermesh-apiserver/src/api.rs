@@ -18,7 +18,7 @@ use mesh_proto::v1 as pb;
 use mesh_proto::v1::cluster_mesh_server::{ClusterMesh, ClusterMeshServer};
 use meshd::keys::{self, IdentityScope, Key, StateKind, StateValue};
 use meshd::kv::{KeyValue, KvError, KvStore};
-use meshd::model::{Affinity, ClusterName, ClusterService, IdentityEntry, IpCacheEntry};
+use meshd::model::{ClusterName, ClusterService, IdentityEntry, IpCacheEntry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -329,13 +329,13 @@ pub fn service_to_proto(s: &ClusterService, cluster_set_ip: Option<IpAddr>) -> p
         name: s.name.clone(),
         global: s.global,
         shared: s.shared,
-        affinity: affinity_str(s.affinity).to_owned(),
+        affinity: meshd::wire::affinity(s.affinity).to_owned(),
         headless: s.headless,
         frontends: s.frontends.iter().map(IpAddr::to_string).collect(),
         ports: s
             .ports
             .iter()
-            .map(|p| port(&p.name, p.port, p.protocol))
+            .map(|p| meshd::wire::port(&p.name, p.port, p.protocol))
             .collect(),
         backends: s
             .backends
@@ -345,7 +345,7 @@ pub fn service_to_proto(s: &ClusterService, cluster_set_ip: Option<IpAddr>) -> p
                 ports: b
                     .ports
                     .iter()
-                    .map(|p| port(&p.name, p.port, p.protocol))
+                    .map(|p| meshd::wire::port(&p.name, p.port, p.protocol))
                     .collect(),
                 ready: b.ready,
                 hostname: b.hostname.clone().unwrap_or_default(),
@@ -365,41 +365,12 @@ pub fn service_to_proto(s: &ClusterService, cluster_set_ip: Option<IpAddr>) -> p
 
 /// An exported identity of `cluster` as `Identity`.
 pub fn identity_to_proto(e: &IdentityEntry, cluster: &ClusterName) -> pb::Identity {
-    pb::Identity {
-        id: e.id.get(),
-        cluster: cluster.to_string(),
-        labels: e.labels.iter().map(ToString::to_string).collect(),
-    }
+    meshd::wire::identity(e, cluster)
 }
 
 /// An exported ipcache entry of `cluster` as `IpCacheEntry`.
 pub fn ip_cache_entry_to_proto(e: &IpCacheEntry, cluster: &ClusterName) -> pb::IpCacheEntry {
-    pb::IpCacheEntry {
-        ip: e.ip.to_string(),
-        prefix_len: u32::from(e.prefix_len),
-        identity: e.identity.get(),
-        cluster: cluster.to_string(),
-        host_ip: e.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-        node: e.node.clone().unwrap_or_default(),
-        namespace: e.namespace.clone().unwrap_or_default(),
-        pod: e.pod.clone().unwrap_or_default(),
-    }
-}
-
-fn port(name: &str, number: u16, protocol: meshd::model::Protocol) -> pb::Port {
-    pb::Port {
-        name: name.to_owned(),
-        port: u32::from(number),
-        protocol: protocol.to_string(),
-    }
-}
-
-fn affinity_str(a: Affinity) -> &'static str {
-    match a {
-        Affinity::None => "none",
-        Affinity::Local => "local",
-        Affinity::Remote => "remote",
-    }
+    meshd::wire::ip_cache_entry(e, cluster)
 }
 
 /// Serves `api` on `listener` over mTLS (`tls`, e.g. from [`server_tls`]) until `shutdown`;
@@ -419,8 +390,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use meshd::model::{
-        Backend, BackendPort, ClusterId, Identity, Labels, MaxConnectedClusters, Protocol,
-        ServicePort,
+        Affinity, Backend, BackendPort, ClusterId, Identity, Labels, MaxConnectedClusters,
+        Protocol, ServicePort,
     };
 
     use super::*;

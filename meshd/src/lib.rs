@@ -33,3 +33,4 @@ pub mod peers;
 pub mod process;
 pub mod reflector;
 pub mod remote;
+pub mod wire;

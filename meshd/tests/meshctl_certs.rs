@@ -169,11 +169,11 @@ fn issue_errors_name_the_problem() {
         "--cn",
         "x",
         "--ip",
-        "127.0.0.1,10.0.0.300",
+        "127.0.0.1,198.18.0.300",
     ]);
     let err = res.expect_err("bad IP");
     assert!(matches!(err, CtlError::InvalidIp { .. }), "{err:?}");
-    assert!(err.to_string().contains("10.0.0.300"), "{err}");
+    assert!(err.to_string().contains("198.18.0.300"), "{err}");
     assert!(!dir.join("x.crt").exists());
 
     // Malformed validity is rejected while parsing, naming the value.

@@ -95,14 +95,6 @@ impl MergedService {
     }
 }
 
-fn affinity_str(a: Affinity) -> &'static str {
-    match a {
-        Affinity::None => "none",
-        Affinity::Local => "local",
-        Affinity::Remote => "remote",
-    }
-}
-
 fn port_str(p: &ServicePort) -> String {
     if p.name.is_empty() {
         format!("{}/{}", p.port, p.protocol)
@@ -153,8 +145,8 @@ pub(super) fn merge<'a>(
             conflicts.push(format!(
                 "affinity: cluster {} has {}, using {} from cluster {}",
                 s.cluster,
-                affinity_str(s.affinity),
-                affinity_str(affinity),
+                meshd::wire::affinity(s.affinity),
+                meshd::wire::affinity(affinity),
                 affinity_from.cluster
             ));
         }
