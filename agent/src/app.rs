@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::Parser;
 use meshd::args::{ArgFileError, ClusterArgs, EtcdArgs, parse_duration};
 use meshd::kv::{EtcdStore, KvStore};
+use meshd::process::{Components, bind};
 use meshd::remote::SupervisorConfig;
 use prometheus_client::registry::Registry;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AgentApi};
@@ -98,16 +98,8 @@ pub enum AppError {
     #[error("connecting to etcd: {0}")]
     Etcd(#[from] meshd::kv::KvError),
     /// A listener could not be bound.
-    #[error("binding {what} on {addr}: {source}")]
-    Bind {
-        /// Which listener.
-        what: &'static str,
-        /// The address.
-        addr: SocketAddr,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] meshd::process::BindError),
     /// The gRPC API failed.
     #[error(transparent)]
     Api(#[from] mesh_proto::server::ServeError),
@@ -129,12 +121,6 @@ impl Args {
             access: self.peer_access.into(),
         })
     }
-}
-
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, AppError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { what, addr, source })
 }
 
 /// Runs until `shutdown` is cancelled (or a server fails), then shuts down gracefully.
@@ -171,63 +157,43 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
 
     // Any server ending stops the others; the agent's supervisors stop alongside.
     let stop = shutdown.child_token();
-    let mut tasks = JoinSet::new();
-    tasks.spawn({
+    let mut parts = Components::new(stop.clone());
+    parts.spawn({
         let stop = stop.clone();
         async move {
-            let r = mesh_proto::server::serve_mtls(grpc, tls, api.routes(), stop.clone())
+            mesh_proto::server::serve_mtls(grpc, tls, api.routes(), stop)
                 .await
-                .map_err(AppError::from);
-            stop.cancel();
-            r
+                .map_err(AppError::from)
         }
     });
-    tasks.spawn({
+    parts.spawn({
         let (stop, status) = (stop.clone(), handles.status.clone());
         async move {
-            let r = meshd::health::serve_health(
+            meshd::health::serve_health(
                 health_listener,
                 status,
                 api::not_ready_reason,
                 registry,
-                stop.clone(),
+                stop,
             )
             .await
-            .map_err(AppError::Health);
-            stop.cancel();
-            r
+            .map_err(AppError::Health)
         }
     });
-    tasks.spawn({
+    parts.spawn({
         let (stop, status) = (stop.clone(), handles.status.clone());
         async move {
             metrics::follow_status(metrics, status, stop).await;
             Ok(())
         }
     });
-    let servers = async {
-        let mut first_err = None;
-        while let Some(res) = tasks.join_next().await {
-            match res {
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "component failed; shutting down");
-                    first_err.get_or_insert(e);
-                }
-                Err(e) if e.is_panic() => {
-                    tracing::error!("component panicked; shutting down");
-                    stop.cancel();
-                }
-                _ => {}
-            }
-        }
-        first_err
-    };
+    let servers = parts.join();
     let agent = async {
         stop.cancelled().await;
         agent.shutdown().await;
     };
-    let (first_err, ()) = tokio::join!(servers, agent);
-    first_err.map_or(Ok(()), Err)
+    let (result, ()) = tokio::join!(servers, agent);
+    result
 }
 
 #[cfg(test)]

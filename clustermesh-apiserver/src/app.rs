@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use meshd::args::{ClusterArgs, EtcdArgs, parse_duration};
 use meshd::kv::{EtcdStore, KvStore};
+use meshd::process::{Components, bind};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -89,16 +90,8 @@ pub enum AppError {
     #[error("connecting to etcd: {0}")]
     Etcd(#[from] meshd::kv::KvError),
     /// A listener could not be bound.
-    #[error("binding {what} on {addr}: {source}")]
-    Bind {
-        /// Which listener.
-        what: &'static str,
-        /// The address.
-        addr: SocketAddr,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] meshd::process::BindError),
     /// The gRPC API failed.
     #[error(transparent)]
     Api(#[from] api::ApiError),
@@ -130,12 +123,6 @@ impl Args {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, AppError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { what, addr, source })
-}
-
 /// Runs until `shutdown` is cancelled (or a component fails), then shuts down gracefully.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError> {
     let cfg = args.export_config()?;
@@ -153,7 +140,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     tracing::info!(
         cluster = %cfg.cluster,
         id = %cfg.cluster_id,
-        grpc = %grpc.local_addr().map_err(|source| AppError::Bind { what: "the gRPC API", addr: args.grpc_listen, source })?,
+        grpc = %args.grpc_listen,
         health = %args.health_listen,
         manifests = %args.manifests.display(),
         "clustermesh-apiserver starting"
@@ -175,27 +162,23 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
 
     // Any component ending stops the others.
     let stop = shutdown.child_token();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut parts = Components::new(stop.clone());
     let (peers_tx, peers_rx) = watch::channel(Vec::new());
     let api = ClusterMeshApi::new(cfg.clone(), status.clone(), store.clone()).with_peers(peers_rx);
-    tasks.spawn({
+    parts.spawn({
         let stop = stop.clone();
         async move {
-            let r = api::serve_grpc(grpc, tls, api, stop.clone())
+            api::serve_grpc(grpc, tls, api, stop.clone())
                 .await
-                .map_err(AppError::from);
-            stop.cancel();
-            r
+                .map_err(AppError::from)
         }
     });
-    tasks.spawn({
+    parts.spawn({
         let (stop, status, registry) = (stop.clone(), status.clone(), registry.clone());
         async move {
-            let r = health::serve_health(health_listener, status, registry, stop.clone())
+            health::serve_health(health_listener, status, registry, stop.clone())
                 .await
-                .map_err(AppError::Health);
-            stop.cancel();
-            r
+                .map_err(AppError::Health)
         }
     });
     if let (Some(peers_dir), true) = (args.peers_dir.clone(), args.kvstoremesh) {
@@ -207,54 +190,34 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             peers_dir,
             heartbeat_mirror: Duration::from_secs(1),
         };
-        tasks.spawn({
+        parts.spawn({
             let (stop, store, m) = (stop.clone(), store.clone(), reflector_metrics.clone());
             async move {
-                let r = crate::kvstoremesh::run(store, kcfg, m, peers_tx, stop.clone())
+                crate::kvstoremesh::run(store, kcfg, m, peers_tx, stop.clone())
                     .await
-                    .map_err(AppError::KvStoreMesh);
-                stop.cancel();
-                r
+                    .map_err(AppError::KvStoreMesh)
             }
         });
     }
     if let Some(mut ccfg) = clusterset_cfg {
         ccfg.reflector_metrics = reflector_metrics.clone();
-        tasks.spawn({
+        parts.spawn({
             let (stop, store) = (stop.clone(), store.clone());
             async move {
-                let r = crate::clusterset::run(store, ccfg, stop.clone())
+                crate::clusterset::run(store, ccfg, stop.clone())
                     .await
-                    .map_err(AppError::from);
-                stop.cancel();
-                r
+                    .map_err(AppError::from)
             }
         });
     }
     let source = Box::new(ManifestSource::new(args.manifests.clone()));
-    tasks.spawn({
+    parts.spawn({
         let stop = stop.clone();
         async move {
-            let r = export::run(store, cfg, source, metrics, status_tx, stop.clone())
+            export::run(store, cfg, source, metrics, status_tx, stop.clone())
                 .await
-                .map_err(AppError::from);
-            stop.cancel();
-            r
+                .map_err(AppError::from)
         }
     });
-    let mut first_err = None;
-    while let Some(res) = tasks.join_next().await {
-        match res {
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "component failed; shutting down");
-                first_err.get_or_insert(e);
-            }
-            Err(e) if e.is_panic() => {
-                tracing::error!("component panicked; shutting down");
-                stop.cancel();
-            }
-            _ => {}
-        }
-    }
-    first_err.map_or(Ok(()), Err)
+    parts.join().await
 }

@@ -74,3 +74,78 @@ where
         }
     })
 }
+
+/// The long-running parts of a process: when any one ends (done or failed), the others
+/// are asked to stop; `join` returns the first failure.
+#[derive(Debug)]
+pub struct Components<E> {
+    tasks: tokio::task::JoinSet<Result<(), E>>,
+    stop: CancellationToken,
+}
+
+impl<E: std::fmt::Display + Send + 'static> Components<E> {
+    /// Components stopped together through `stop`.
+    pub fn new(stop: CancellationToken) -> Self {
+        Self {
+            tasks: tokio::task::JoinSet::new(),
+            stop,
+        }
+    }
+
+    /// The token every component must watch.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Runs a component; its end stops the others.
+    pub fn spawn(&mut self, component: impl Future<Output = Result<(), E>> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            let r = component.await;
+            stop.cancel();
+            r
+        });
+    }
+
+    /// Waits for every component; returns the first failure.
+    pub async fn join(mut self) -> Result<(), E> {
+        let mut first_err = None;
+        while let Some(res) = self.tasks.join_next().await {
+            match res {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "component failed; shutting down");
+                    first_err.get_or_insert(e);
+                }
+                Err(e) if e.is_panic() => {
+                    tracing::error!("component panicked; shutting down");
+                    self.stop.cancel();
+                }
+                _ => {}
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Binds a TCP listener, naming what it is for in the error.
+pub async fn bind(
+    what: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { what, addr, source })
+}
+
+/// A listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("binding {what} on {addr}: {source}")]
+pub struct BindError {
+    /// Which listener.
+    pub what: &'static str,
+    /// The address.
+    pub addr: std::net::SocketAddr,
+    /// Cause.
+    #[source]
+    pub source: std::io::Error,
+}
