@@ -22,18 +22,13 @@ const BROADCAST: Ipv4Addr = Ipv4Addr::new(198, 19, 143, 255);
 
 fn service(cluster: &str, id: u32, name: &str, global: bool) -> ClusterService {
     ClusterService {
-        cluster: ClusterName::new(cluster).unwrap(),
-        cluster_id: ClusterId::new(id, MaxConnectedClusters::C255).unwrap(),
-        namespace: "default".into(),
-        name: name.into(),
         global,
-        shared: true,
-        affinity: Default::default(),
-        headless: false,
-        frontends: vec![],
-        ports: vec![],
-        backends: Default::default(),
-        export_created: None,
+        ..ClusterService::new(
+            ClusterName::new(cluster).unwrap(),
+            ClusterId::new(id, MaxConnectedClusters::C255).unwrap(),
+            "default",
+            name,
+        )
     }
 }
 

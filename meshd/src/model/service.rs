@@ -185,6 +185,30 @@ fn default_true() -> bool {
 }
 
 impl ClusterService {
+    /// A service of `cluster` with no frontends, ports or backends: not global, shared,
+    /// no affinity, not headless (fill in the rest with struct update syntax).
+    pub fn new(
+        cluster: ClusterName,
+        cluster_id: ClusterId,
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        Self {
+            cluster,
+            cluster_id,
+            namespace: namespace.into(),
+            name: name.into(),
+            global: false,
+            shared: true,
+            affinity: Affinity::None,
+            headless: false,
+            frontends: Vec::new(),
+            ports: Vec::new(),
+            backends: BTreeMap::new(),
+            export_created: None,
+        }
+    }
+
     /// Checks names and ports.
     pub fn validate(&self) -> Result<(), ModelError> {
         for (field, v) in [
