@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod app;
+pub mod datapath;
 pub mod metrics;
 pub mod runtime;
 pub mod view;
