@@ -75,6 +75,10 @@ pub struct Args {
     /// cluster (unset: no ClusterSetIPs).
     #[arg(long, env = "MESH_CLUSTERSET_CIDR")]
     pub clusterset_cidr: Option<ipnet::IpNet>,
+    /// Only parse --manifests, print every problem with its location, and exit (1 when any
+    /// manifest is bad); nothing is connected or started. `meshctl up` runs this first.
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// Why the process could not start or run.
@@ -107,6 +111,28 @@ pub enum AppError {
     /// ClusterSetIP allocation failed for good.
     #[error(transparent)]
     ClusterSet(#[from] crate::clusterset::ClusterSetError),
+    /// `--check` found bad manifests.
+    #[error("{} problem(s) in the manifests under {}:\n{}", .problems.len(), .dir.display(), .problems.join("\n"))]
+    Manifests {
+        /// The manifest directory.
+        dir: PathBuf,
+        /// One line per problem: `<location>: <message>`.
+        problems: Vec<String>,
+    },
+}
+
+/// `--check`: parses every manifest under `dir` the way the running source would and
+/// returns how many objects it holds, or every problem with its location.
+pub fn check_manifests(dir: &std::path::Path) -> Result<usize, AppError> {
+    ManifestSource::new(dir.to_owned())
+        .check()
+        .map_err(|errors| AppError::Manifests {
+            dir: dir.to_owned(),
+            problems: errors
+                .iter()
+                .map(|e| format!("{}: {}", e.location, e.message))
+                .collect(),
+        })
 }
 
 impl Args {

@@ -10,6 +10,21 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.check {
+        match app::check_manifests(&args.manifests) {
+            Ok(objects) => {
+                println!(
+                    "{}: {objects} objects, no problems",
+                    args.manifests.display()
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+    }
     meshd::process::init_logging();
     meshd::process::install_crypto_provider()?;
     meshd::process::run_until_signal(|shutdown| app::run(args, shutdown), SHUTDOWN_DEADLINE)?;

@@ -28,6 +28,16 @@ pub fn meshctl(args: &[&str], dir: &Path) -> Output {
         .expect("running meshctl")
 }
 
+/// Runs the built `meshctl` with exactly `args`, plus `env` on top of the inherited
+/// environment.
+pub fn meshctl_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(bin_path("meshctl"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running meshctl")
+}
+
 /// Exit status and output of a run, for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(

@@ -276,11 +276,13 @@ const CLIENT: &str = r#"
 import socket, sys
 proto, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 try:
-    if proto == 'tcp':
-        s = socket.create_connection((host, port), timeout=timeout)
+    family = socket.AF_INET6 if proto.endswith('6') else socket.AF_INET
+    if proto.startswith('tcp'):
+        s = socket.socket(family, socket.SOCK_STREAM); s.settimeout(timeout)
+        s.connect((host, port))
         peer = s.getpeername(); data = s.recv(512)
     else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
+        s = socket.socket(family, socket.SOCK_DGRAM); s.settimeout(timeout)
         s.sendto(b'hi', (host, port)); data, peer = s.recvfrom(512)
     print('ok %s %s:%d' % (data.decode(), peer[0], peer[1]))
 except Exception as e:
@@ -330,7 +332,7 @@ fn client(
     pod: &Pod,
     cgroup: Option<&Cgroup>,
     proto: &str,
-    host: Ipv4Addr,
+    host: impl std::fmt::Display,
     port: u16,
     timeout: f64,
 ) -> Result<String, String> {

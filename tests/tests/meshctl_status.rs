@@ -142,6 +142,69 @@ fn status_services_and_peers_of_a_running_mesh() {
         text(&sv)
     );
 
+    // identities: both clusters' identities with their labels, as JSON and as a table.
+    let id = meshctl(&["identities", "--cluster", "east", "-o", "json"], &dir);
+    assert!(id.status.success(), "identities:\n{}", text(&id));
+    let v: Value = serde_json::from_slice(&id.stdout).expect("identities -o json is JSON");
+    let of = |c: &str| {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .filter(|i| i["cluster"] == c)
+            .count()
+    };
+    assert!(of("east") >= 5 && of("west") >= 5, "{v:#}");
+    assert!(
+        v.as_array().expect("array").iter().any(|i| i["labels"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x == "k8s:app=web"))),
+        "{v:#}"
+    );
+    let id = meshctl(&["identities", "--cluster", "east", "--from", "west"], &dir);
+    let out = String::from_utf8_lossy(&id.stdout);
+    let rows: Vec<&str> = out.lines().skip(2).collect();
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r.contains(" west ")),
+        "{out}"
+    );
+
+    // -o yaml, colour (forced on, and NO_COLOR winning over the force), completions.
+    let y = meshctl(&["status", "-o", "yaml"], &dir);
+    let out = String::from_utf8_lossy(&y.stdout);
+    assert!(
+        out.contains("verdict: ") && out.contains("clusters:"),
+        "{out}"
+    );
+    let kc = dir.join("kubeconfig");
+    let kc = kc.to_str().expect("utf-8");
+    let coloured = mesh_tests::meshctl::meshctl_env(
+        &["status", "--kubeconfig", kc],
+        &[("CLICOLOR_FORCE", "1")],
+    );
+    assert!(
+        String::from_utf8_lossy(&coloured.stdout).contains("\u{1b}["),
+        "CLICOLOR_FORCE gave no colour:\n{}",
+        text(&coloured)
+    );
+    let plain = mesh_tests::meshctl::meshctl_env(
+        &["status", "--kubeconfig", kc],
+        &[("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")],
+    );
+    assert!(
+        !String::from_utf8_lossy(&plain.stdout).contains('\u{1b}'),
+        "NO_COLOR ignored:\n{}",
+        text(&plain)
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let c = mesh_tests::meshctl::meshctl_env(&["completion", shell], &[]);
+        assert!(c.status.success(), "completion {shell}:\n{}", text(&c));
+        let out = String::from_utf8_lossy(&c.stdout);
+        assert!(
+            out.contains("meshctl") && out.contains("disconnect"),
+            "{shell}: {out}"
+        );
+    }
+
     // After down: not ready, non-zero, each cluster reported (no crash).
     let down = meshctl(&["down"], &dir);
     assert!(

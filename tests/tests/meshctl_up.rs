@@ -100,6 +100,7 @@ fn up_is_ready_idempotent_and_down_leaves_nothing() {
 
 #[test]
 fn up_rejects_more_clusters_than_examples() {
+    // deploy/examples/clusters lists 8.
     let dir = tempfile::Builder::new()
         .prefix("meshctl-up-")
         .tempdir()
@@ -109,7 +110,7 @@ fn up_rejects_more_clusters_than_examples() {
         &[
             "up",
             "--clusters",
-            "3",
+            "9",
             "--examples",
             examples.to_str().expect("utf-8 path"),
         ],
@@ -117,12 +118,12 @@ fn up_rejects_more_clusters_than_examples() {
     );
     assert!(
         !out.status.success(),
-        "up --clusters 3 succeeded:\n{}",
+        "up --clusters 9 succeeded:\n{}",
         text(&out)
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("--clusters") && err.contains("east, west"),
+        err.contains("--clusters") && err.contains("east, west, north, south"),
         "{err}"
     );
     assert!(!dir.path().join("state.json").exists());

@@ -75,6 +75,28 @@ impl ManifestSource {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Reads and parses the whole directory once, as the first load of [`Source::run`]
+    /// would: the number of objects, or every error (a missing or unreadable directory is
+    /// one error).
+    pub fn check(&self) -> Result<usize, Vec<SourceError>> {
+        let mut state = state::DirState::new(self.dir.clone());
+        let events = state.rescan().map_err(|e| vec![e.to_source_error()])?;
+        let mut objects = 0;
+        let mut errors = Vec::new();
+        for event in events {
+            match event {
+                SourceEvent::Apply(_) => objects += 1,
+                SourceEvent::Error(e) => errors.push(e),
+                SourceEvent::Delete(_) | SourceEvent::Synced => {}
+            }
+        }
+        if errors.is_empty() {
+            Ok(objects)
+        } else {
+            Err(errors)
+        }
+    }
 }
 
 impl Source for ManifestSource {

@@ -11,6 +11,8 @@ use mesh_certs::{CertInfo, CertRequest, CertUsage, CertificateAuthority};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde::Serialize;
+
+use super::output::{OutputFormat, emit};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -104,15 +106,6 @@ impl From<UsageArg> for CertUsage {
             UsageArg::Both => CertUsage::ServerAndClient,
         }
     }
-}
-
-/// `-o` values of `certs inspect`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    /// Human-readable, one block per certificate.
-    Table,
-    /// One JSON document.
-    Json,
 }
 
 /// Parses a validity or window length: `Ny` (365 days each), `Nd`, and everything
@@ -444,13 +437,9 @@ fn inspect(
         certificates: reports,
         problems,
     };
-    match output {
-        OutputFormat::Json => {
-            serde_json::to_writer_pretty(&mut *out, &report)?;
-            writeln!(out)?;
-        }
-        OutputFormat::Table => write_table(&report, warn_within, out)?,
-    }
+    emit(out, output, &report, |out| {
+        write_table(&report, warn_within, out)
+    })?;
     Ok(if problems == 0 {
         Status::Ok
     } else {

@@ -1,7 +1,11 @@
 //! meshctl command logic (the binary in `src/bin/meshctl.rs` only parses and calls `run`).
 
+pub mod admin;
 mod certs;
+mod connect;
+mod diagnose;
 mod etcd_auth;
+mod output;
 mod status;
 mod up;
 
@@ -10,13 +14,30 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-pub use certs::{CertsCommand, OutputFormat, UsageArg, parse_validity, parse_window};
-pub use status::{PeersArgs, ServicesArgs, StatusArgs};
+pub use certs::{CertsCommand, UsageArg, parse_validity, parse_window};
+pub use connect::{ConnectArgs, DisconnectArgs};
+pub use diagnose::DiagnoseArgs;
+pub use output::OutputFormat;
+pub use status::{IdentitiesArgs, PeersArgs, ServicesArgs, StatusArgs};
 pub use up::{ClusterState, DownArgs, MeshState, ProcState, UpArgs};
 
 /// meshctl: run and inspect a meshd mesh.
 #[derive(Debug, Parser)]
-#[command(name = "meshctl", version, about)]
+#[command(
+    name = "meshctl",
+    version,
+    about,
+    after_help = "Examples:
+  meshctl up --clusters 3                 # a local mesh under .meshd/
+  meshctl status --wait                   # every cluster and peer ready?
+  meshctl services                        # global services merged by an agent
+  meshctl disconnect east west --wait     # unpeer two clusters
+  meshctl connect east west --wait        # and peer them again
+  meshctl diagnose                        # named checks with hints
+  meshctl down --purge                    # stop it all, remove .meshd/
+
+Colour is used on terminals unless NO_COLOR is set."
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -30,6 +51,10 @@ pub enum Command {
     Up(UpArgs),
     /// Stop everything `meshctl up` started (exactly the recorded processes).
     Down(DownArgs),
+    /// Peer two clusters: etcd users and client certificates both ways, peer kubeconfigs.
+    Connect(ConnectArgs),
+    /// Unpeer two clusters: remove both peer kubeconfigs, revoke both etcd users.
+    Disconnect(DisconnectArgs),
     /// Create cluster CAs, issue certificates and inspect certificate files.
     Certs {
         /// What to do with certificates.
@@ -42,6 +67,20 @@ pub enum Command {
     Services(ServicesArgs),
     /// Per cluster, the peers its agent is connected to.
     Peers(PeersArgs),
+    /// Security identities an agent knows (local and remote), with their labels.
+    Identities(IdentitiesArgs),
+    /// Named checks of every cluster (mTLS, certificates, IDs, sync markers, heartbeat,
+    /// clocks, peer logins, CIDR overlaps), each with a hint; exit 2 when one fails.
+    Diagnose(DiagnoseArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:
+  meshctl completion bash > /etc/bash_completion.d/meshctl
+  meshctl completion zsh > \"${fpath[1]}/_meshctl\"
+  meshctl completion fish > ~/.config/fish/completions/meshctl.fish")]
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Print the version.
     Version,
 }
@@ -158,10 +197,19 @@ pub fn run(cli: &Cli, out: &mut impl Write) -> Result<Status, CtlError> {
     match &cli.command {
         Command::Up(args) => up::up(args, out),
         Command::Down(args) => up::down(args, out),
+        Command::Connect(args) => connect::connect(args, out),
+        Command::Disconnect(args) => connect::disconnect(args, out),
         Command::Certs { command } => certs::run(command, out),
         Command::Status(args) => status::status(args, out),
         Command::Services(args) => status::services(args, out),
         Command::Peers(args) => status::peers(args, out),
+        Command::Identities(args) => status::identities(args, out),
+        Command::Diagnose(args) => diagnose::diagnose(args, out),
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "meshctl", out);
+            Ok(Status::Ok)
+        }
         Command::Version => {
             writeln!(out, "meshctl {}", env!("CARGO_PKG_VERSION"))?;
             Ok(Status::Ok)

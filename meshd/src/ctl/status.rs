@@ -11,18 +11,18 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use mesh_certs::{CertRequest, CertificateAuthority};
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::cluster_mesh_client::ClusterMeshClient;
 use serde::Serialize;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::{Channel, ClientTlsConfig};
 
-use super::certs::{OutputFormat, parse_validity};
-use super::up::{ClusterState, MeshState};
+use super::admin::{self, ClusterAdmin, KubeconfigArgs};
+use super::certs::parse_validity;
+use super::output::{OutputFormat, bad, emit, good, warn};
 use super::{CtlError, Status};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,10 +33,14 @@ const CERT_WARN: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Arguments of `meshctl status`.
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:
+  meshctl status
+  meshctl status --wait --timeout 2m      # exit 0 once everything is ready
+  meshctl status -o json | jq .verdict")]
 pub struct StatusArgs {
-    /// The state directory given to `meshctl up`.
-    #[arg(long, default_value = ".meshd")]
-    pub state_dir: PathBuf,
+    /// Which kubeconfig(s) name the clusters.
+    #[command(flatten)]
+    pub kube: KubeconfigArgs,
     /// Poll until everything is ready (or --timeout passes).
     #[arg(long)]
     pub wait: bool,
@@ -50,10 +54,13 @@ pub struct StatusArgs {
 
 /// Arguments of `meshctl services`.
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:
+  meshctl services
+  meshctl services --cluster west -o yaml")]
 pub struct ServicesArgs {
-    /// The state directory given to `meshctl up`.
-    #[arg(long, default_value = ".meshd")]
-    pub state_dir: PathBuf,
+    /// Which kubeconfig(s) name the clusters.
+    #[command(flatten)]
+    pub kube: KubeconfigArgs,
     /// Whose agent to ask (default: the first cluster).
     #[arg(long)]
     pub cluster: Option<String>,
@@ -62,12 +69,38 @@ pub struct ServicesArgs {
     pub output: OutputFormat,
 }
 
+/// Arguments of `meshctl identities`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:
+  meshctl identities
+  meshctl identities --cluster west --from east -o json")]
+pub struct IdentitiesArgs {
+    /// Which kubeconfig(s) name the clusters.
+    #[command(flatten)]
+    pub kube: KubeconfigArgs,
+    /// Whose agent to ask (default: the first cluster).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Only identities of this cluster.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
 /// Arguments of `meshctl peers`.
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:
+  meshctl peers
+  meshctl peers -o json")]
 pub struct PeersArgs {
-    /// The state directory given to `meshctl up`.
-    #[arg(long, default_value = ".meshd")]
-    pub state_dir: PathBuf,
+    /// Which kubeconfig(s) name the clusters.
+    #[command(flatten)]
+    pub kube: KubeconfigArgs,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
 }
 
 /// What one component answered (or why it did not).
@@ -134,25 +167,10 @@ struct ClusterReport {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct MeshReport {
-    state_dir: PathBuf,
+    kubeconfig: Vec<PathBuf>,
     ready: bool,
     verdict: String,
     clusters: Vec<ClusterReport>,
-}
-
-fn fail(msg: impl Into<String>) -> CtlError {
-    CtlError::Up(msg.into())
-}
-
-fn load_state(dir: &Path) -> Result<MeshState, CtlError> {
-    let dir = std::path::absolute(dir)?;
-    MeshState::load(&dir)?.ok_or_else(|| {
-        fail(format!(
-            "no mesh recorded in {} (no state.json); start one with `meshctl up --state-dir {}`",
-            dir.display(),
-            dir.display()
-        ))
-    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CtlError> {
@@ -161,45 +179,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, CtlError> {
         .build()?)
 }
 
-fn read(path: PathBuf) -> Result<String, CtlError> {
-    std::fs::read_to_string(&path).map_err(|source| CtlError::Read { path, source })
-}
-
-/// The TLS client config for `cluster`: its CA and the `meshctl` client certificate
-/// (issued in memory from the CA key when `up` did not write one).
-fn client_tls(state: &MeshState, cluster: &ClusterState) -> Result<ClientTlsConfig, CtlError> {
-    let pki = state.state_dir.join(&cluster.name).join("pki");
-    let ca_pem = read(pki.join("ca.crt"))?;
-    let (cert, key) = match (
-        std::fs::read_to_string(pki.join("meshctl.crt")),
-        std::fs::read_to_string(pki.join("meshctl.key")),
-    ) {
-        (Ok(c), Ok(k)) => (c, k),
-        _ => {
-            let ca = CertificateAuthority::from_files(&pki.join("ca.crt"), &pki.join("ca.key"))
-                .map_err(|source| CtlError::Cert {
-                    context: format!("loading the CA of {} from {}", cluster.name, pki.display()),
-                    source,
-                })?;
-            let c = ca
-                .issue(
-                    &CertRequest::client("meshctl").with_validity(Duration::from_secs(24 * 3600)),
-                )
-                .map_err(|source| CtlError::Cert {
-                    context: format!("issuing a meshctl client certificate for {}", cluster.name),
-                    source,
-                })?;
-            (c.cert_pem, c.key_pem)
-        }
-    };
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .identity(Identity::from_pem(cert, key))
-        .domain_name("localhost"))
-}
-
-async fn client(tls: &ClientTlsConfig, port: u16) -> Result<ClusterMeshClient<Channel>, String> {
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{port}"))
+async fn client(tls: &ClientTlsConfig, addr: &str) -> Result<ClusterMeshClient<Channel>, String> {
+    let channel = Channel::from_shared(format!("https://{addr}"))
         .map_err(|e| e.to_string())?
         .tls_config(tls.clone())
         .map_err(|e| super::error_chain(&e))?
@@ -211,12 +192,47 @@ async fn client(tls: &ClientTlsConfig, port: u16) -> Result<ClusterMeshClient<Ch
     Ok(ClusterMeshClient::new(channel))
 }
 
-async fn get_status(tls: &ClientTlsConfig, port: u16) -> Result<pb::ClusterStatus, String> {
-    let mut c = client(tls, port).await?;
+/// The address of a component from the admin kubeconfig, or why there is none.
+fn address(c: &ClusterAdmin, what: &str, addr: Option<&str>) -> Result<String, String> {
+    addr.map(str::to_owned).ok_or_else(|| {
+        format!(
+            "{} names no {what} gRPC address ({what}Grpc in {})",
+            c.whence(),
+            admin::ADMIN_EXTENSION
+        )
+    })
+}
+
+async fn get_status(
+    tls: &ClientTlsConfig,
+    addr: &Result<String, String>,
+) -> Result<pb::ClusterStatus, String> {
+    let mut c = client(tls, addr.as_ref()?).await?;
     c.get_status(pb::GetStatusRequest {})
         .await
         .map(tonic::Response::into_inner)
         .map_err(|s| format!("{}: {}", s.code(), s.message()))
+}
+
+/// The agent of `--cluster` (default: the first cluster) and a connected client.
+async fn agent_of<'a>(
+    admins: &'a [ClusterAdmin],
+    cluster: Option<&str>,
+) -> Result<(&'a ClusterAdmin, Result<ClusterMeshClient<Channel>, String>), CtlError> {
+    let c = match cluster {
+        Some(name) => admin::select(admins, name)?,
+        None => admins
+            .first()
+            .ok_or_else(|| CtlError::Up("the admin kubeconfig names no cluster".into()))?,
+    };
+    let addr = address(c, "agent", c.ext.agent_grpc.as_deref());
+    let client = match addr {
+        Ok(a) => client(&c.grpc_tls(), &a)
+            .await
+            .map_err(|e| format!("agent of {} at {a}: {e}", c.name())),
+        Err(e) => Err(e),
+    };
+    Ok((c, client))
 }
 
 fn unix_now() -> i64 {
@@ -281,26 +297,18 @@ fn peer(p: &pb::PeerStatus, now: i64) -> PeerReport {
     }
 }
 
-async fn cluster_report(state: &MeshState, c: &ClusterState) -> ClusterReport {
-    let (api, agent) = match client_tls(state, c) {
-        Ok(tls) => {
-            tokio::join!(
-                get_status(&tls, c.apiserver_grpc_port),
-                get_status(&tls, c.agent_grpc_port)
-            )
-        }
-        Err(e) => {
-            let e = super::error_chain(&e);
-            (Err(e.clone()), Err(e))
-        }
-    };
+async fn cluster_report(c: &ClusterAdmin) -> ClusterReport {
+    let tls = c.grpc_tls();
+    let api_addr = address(c, "apiserver", c.ext.apiserver_grpc.as_deref());
+    let agent_addr = address(c, "agent", c.ext.agent_grpc.as_deref());
+    let (api, agent) = tokio::join!(get_status(&tls, &api_addr), get_status(&tls, &agent_addr));
     let now = unix_now();
     let peers: Vec<PeerReport> = agent
         .as_ref()
         .map(|s| s.peers.iter().map(|p| peer(p, now)).collect())
         .unwrap_or_default();
-    let apiserver = component(format!("127.0.0.1:{}", c.apiserver_grpc_port), &api);
-    let agent = component(format!("127.0.0.1:{}", c.agent_grpc_port), &agent);
+    let apiserver = component(api_addr.unwrap_or_default(), &api);
+    let agent = component(agent_addr.unwrap_or_default(), &agent);
 
     let mut problems = Vec::new();
     for (what, r) in [("apiserver", &apiserver), ("agent", &agent)] {
@@ -313,10 +321,25 @@ async fn cluster_report(state: &MeshState, c: &ClusterState) -> ClusterReport {
     if apiserver.reachable && !apiserver.etcd_reachable {
         problems.push("apiserver cannot reach etcd".into());
     }
+    // The peers this cluster should have: the credentials in its peers directory.
+    let configured = match c.configured_peers() {
+        Ok(v) => v,
+        Err(e) => {
+            problems.push(super::error_chain(&e));
+            Vec::new()
+        }
+    };
+    let mut expected = Vec::new();
+    for p in configured {
+        match p {
+            Ok(p) => expected.push(p.name.to_string()),
+            Err(e) => problems.push(format!("unusable peer kubeconfig: {e}")),
+        }
+    }
     if agent.reachable {
-        for other in state.clusters.iter().filter(|o| o.name != c.name) {
-            match peers.iter().find(|p| p.name == other.name) {
-                None => problems.push(format!("peer {} not configured", other.name)),
+        for other in &expected {
+            match peers.iter().find(|p| &p.name == other) {
+                None => problems.push(format!("peer {other} configured but not seen by the agent")),
                 Some(p) if !p.ready => problems.push(format!(
                     "peer {} {}{}",
                     p.name,
@@ -331,8 +354,8 @@ async fn cluster_report(state: &MeshState, c: &ClusterState) -> ClusterReport {
         }
     }
     ClusterReport {
-        name: c.name.clone(),
-        id: c.id,
+        name: c.name().to_string(),
+        id: u32::from(c.cred.cluster_id.get()),
         ready: problems.is_empty(),
         problems,
         apiserver,
@@ -341,9 +364,8 @@ async fn cluster_report(state: &MeshState, c: &ClusterState) -> ClusterReport {
     }
 }
 
-async fn mesh_report(state: &MeshState) -> MeshReport {
-    let clusters =
-        futures::future::join_all(state.clusters.iter().map(|c| cluster_report(state, c))).await;
+async fn mesh_report(admins: &[ClusterAdmin], files: Vec<PathBuf>) -> MeshReport {
+    let clusters = futures::future::join_all(admins.iter().map(cluster_report)).await;
     let not_ready: Vec<&str> = clusters
         .iter()
         .filter(|c| !c.ready)
@@ -353,7 +375,7 @@ async fn mesh_report(state: &MeshState) -> MeshReport {
     let verdict = if ready {
         format!("READY: all {} cluster(s) ready", clusters.len())
     } else if clusters.is_empty() {
-        "NOT READY: no clusters recorded".to_owned()
+        "NOT READY: no clusters in the admin kubeconfig".to_owned()
     } else {
         format!(
             "NOT READY: {} of {} cluster(s) not ready ({})",
@@ -363,7 +385,7 @@ async fn mesh_report(state: &MeshState) -> MeshReport {
         )
     };
     MeshReport {
-        state_dir: state.state_dir.clone(),
+        kubeconfig: files,
         ready,
         verdict,
         clusters,
@@ -392,7 +414,9 @@ fn cert_text(p: &PeerReport) -> String {
     match p.cert_days_left {
         None => "cert expiry unknown".into(),
         Some(d) if d < 0 => "cert EXPIRED".into(),
-        Some(d) if p.cert_expiry_warning => format!("cert expires in {d} d (WARNING: < 30 d)"),
+        Some(d) if p.cert_expiry_warning => {
+            format!("cert expires in {d} d ({})", warn("WARNING: < 30 d"))
+        }
         Some(d) => format!("cert expires in {d} d"),
     }
 }
@@ -422,7 +446,13 @@ fn write_peer(out: &mut impl Write, p: &PeerReport, indent: &str) -> std::io::Re
 
 fn write_component(out: &mut impl Write, what: &str, r: &ComponentReport) -> std::io::Result<()> {
     if !r.reachable {
-        return writeln!(out, "  {what:<10} {}  UNREACHABLE: {}", r.address, r.error);
+        return writeln!(
+            out,
+            "  {what:<10} {}  {}: {}",
+            r.address,
+            bad("UNREACHABLE"),
+            r.error
+        );
     }
     let ready = if r.ready {
         "ready".to_owned()
@@ -471,7 +501,11 @@ fn write_table(out: &mut impl Write, r: &MeshReport) -> std::io::Result<()> {
             "cluster {} (id {}): {}",
             c.name,
             c.id,
-            if c.ready { "ready" } else { "NOT READY" }
+            if c.ready {
+                good("ready")
+            } else {
+                bad("NOT READY")
+            }
         )?;
         write_component(out, "apiserver", &c.apiserver)?;
         write_component(out, "agent", &c.agent)?;
@@ -482,35 +516,40 @@ fn write_table(out: &mut impl Write, r: &MeshReport) -> std::io::Result<()> {
             writeln!(out, "  problem: {p}")?;
         }
     }
-    writeln!(out, "{}", r.verdict)
+    let verdict = if r.ready {
+        good(&r.verdict)
+    } else {
+        bad(&r.verdict)
+    };
+    writeln!(out, "{verdict}")
+}
+
+fn load(kube: &KubeconfigArgs) -> Result<(Vec<ClusterAdmin>, Vec<PathBuf>), CtlError> {
+    let files = kube.files();
+    Ok((admin::load(&files)?, files))
 }
 
 /// `meshctl status`.
 pub(super) fn status(args: &StatusArgs, out: &mut impl Write) -> Result<Status, CtlError> {
-    let state = load_state(&args.state_dir)?;
+    let (admins, files) = load(&args.kube)?;
     let rt = runtime()?;
     let deadline = Instant::now() + args.timeout;
     let report = rt.block_on(async {
         loop {
-            let r = mesh_report(&state).await;
+            let r = mesh_report(&admins, files.clone()).await;
             if r.ready || !args.wait || Instant::now() >= deadline {
                 break r;
             }
             tokio::time::sleep(POLL).await;
         }
     });
-    match args.output {
-        OutputFormat::Table => {
-            write_table(out, &report)?;
-            if args.wait && !report.ready {
-                writeln!(out, "(gave up waiting after {:?})", args.timeout)?;
-            }
+    emit(out, args.output, &report, |out| {
+        write_table(out, &report)?;
+        if args.wait && !report.ready {
+            writeln!(out, "(gave up waiting after {:?})", args.timeout)?;
         }
-        OutputFormat::Json => {
-            serde_json::to_writer_pretty(&mut *out, &report)?;
-            writeln!(out)?;
-        }
-    }
+        Ok::<(), std::io::Error>(())
+    })?;
     Ok(if report.ready {
         Status::Ok
     } else {
@@ -518,37 +557,125 @@ pub(super) fn status(args: &StatusArgs, out: &mut impl Write) -> Result<Status, 
     })
 }
 
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PeersOfCluster {
+    cluster: String,
+    agent_reachable: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    error: String,
+    peers: Vec<PeerReport>,
+    rejected_peer_configs: Vec<String>,
+}
+
 /// `meshctl peers`.
 pub(super) fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<Status, CtlError> {
-    let state = load_state(&args.state_dir)?;
-    let report = runtime()?.block_on(mesh_report(&state));
-    for c in &report.clusters {
-        if !c.agent.reachable {
-            writeln!(
-                out,
-                "{}: agent UNREACHABLE ({}): {}",
-                c.name, c.agent.address, c.agent.error
-            )?;
-            continue;
+    let (admins, files) = load(&args.kube)?;
+    let report = runtime()?.block_on(mesh_report(&admins, files));
+    let list: Vec<PeersOfCluster> = report
+        .clusters
+        .iter()
+        .map(|c| PeersOfCluster {
+            cluster: c.name.clone(),
+            agent_reachable: c.agent.reachable,
+            error: c.agent.error.clone(),
+            peers: c.peers.clone(),
+            rejected_peer_configs: c.agent.peer_config_errors.clone(),
+        })
+        .collect();
+    emit(out, args.output, &list, |out| {
+        for c in &list {
+            if !c.agent_reachable {
+                writeln!(
+                    out,
+                    "{}: agent {}: {}",
+                    c.cluster,
+                    bad("UNREACHABLE"),
+                    c.error
+                )?;
+                continue;
+            }
+            writeln!(out, "{}: {} peer(s)", c.cluster, c.peers.len())?;
+            for p in &c.peers {
+                write_peer(out, p, "  ")?;
+            }
+            for e in &c.rejected_peer_configs {
+                writeln!(out, "  rejected peer config: {e}")?;
+            }
         }
-        writeln!(out, "{}: {} peer(s)", c.name, c.peers.len())?;
-        for p in &c.peers {
-            write_peer(out, p, "  ")?;
-        }
-        for e in &c.agent.peer_config_errors {
-            writeln!(out, "  rejected peer config: {e}")?;
-        }
-    }
-    let all_peers_ready = report.clusters.iter().all(|c| {
-        c.agent.reachable
-            && c.agent.peer_config_errors.is_empty()
-            && c.peers.iter().all(|p| p.ready)
+        Ok::<(), std::io::Error>(())
+    })?;
+    let all_peers_ready = list.iter().all(|c| {
+        c.agent_reachable && c.rejected_peer_configs.is_empty() && c.peers.iter().all(|p| p.ready)
     });
     Ok(if all_peers_ready {
         Status::Ok
     } else {
         Status::Problems
     })
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IdentityReport {
+    id: u32,
+    cluster: String,
+    labels: Vec<String>,
+}
+
+/// `meshctl identities`.
+pub(super) fn identities(args: &IdentitiesArgs, out: &mut impl Write) -> Result<Status, CtlError> {
+    let (admins, _) = load(&args.kube)?;
+    let resp = runtime()?.block_on(async {
+        let (c, client) = agent_of(&admins, args.cluster.as_deref()).await?;
+        let r = match client {
+            Ok(mut client) => client
+                .list_identities(pb::ListIdentitiesRequest {
+                    cluster: args.from.clone().unwrap_or_default(),
+                })
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| format!("{}: {}", s.code(), s.message())),
+            Err(e) => Err(e),
+        };
+        Ok::<_, CtlError>((c.name().to_string(), r))
+    })?;
+    let (cluster, resp) = resp;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            writeln!(out, "{cluster}: agent {}: {e}", bad("UNREACHABLE"))?;
+            return Ok(Status::Problems);
+        }
+    };
+    let ids: Vec<IdentityReport> = resp
+        .identities
+        .into_iter()
+        .map(|i| IdentityReport {
+            id: i.id,
+            cluster: i.cluster,
+            labels: i.labels,
+        })
+        .collect();
+    emit(out, args.output, &ids, |out| {
+        writeln!(
+            out,
+            "identities known to the agent of {cluster} ({}):",
+            ids.len()
+        )?;
+        writeln!(out, "{:>10}  {:<12}  LABELS", "ID", "CLUSTER")?;
+        for i in &ids {
+            writeln!(
+                out,
+                "{:>10}  {:<12}  {}",
+                i.id,
+                i.cluster,
+                i.labels.join(" ")
+            )?;
+        }
+        Ok::<(), std::io::Error>(())
+    })?;
+    Ok(Status::Ok)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -604,89 +731,59 @@ fn service_report(s: &pb::Service) -> ServiceReport {
 
 /// `meshctl services`.
 pub(super) fn services(args: &ServicesArgs, out: &mut impl Write) -> Result<Status, CtlError> {
-    let state = load_state(&args.state_dir)?;
-    let cluster = match &args.cluster {
-        Some(name) => state
-            .clusters
-            .iter()
-            .find(|c| &c.name == name)
-            .ok_or_else(|| CtlError::InvalidArg {
-                flag: "--cluster",
-                value: name.clone(),
-                reason: format!(
-                    "not a cluster of this mesh ({})",
-                    state
-                        .clusters
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            })?,
-        None => state
-            .clusters
-            .first()
-            .ok_or_else(|| fail("no clusters recorded in state.json"))?,
-    };
-    let tls = client_tls(&state, cluster)?;
-    let port = cluster.agent_grpc_port;
-    let resp = runtime()?.block_on(async {
-        let mut c = client(&tls, port).await?;
-        c.list_services(pb::ListServicesRequest::default())
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))
-    });
+    let (admins, _) = load(&args.kube)?;
+    let (cluster, resp) = runtime()?.block_on(async {
+        let (c, client) = agent_of(&admins, args.cluster.as_deref()).await?;
+        let r = match client {
+            Ok(mut client) => client
+                .list_services(pb::ListServicesRequest::default())
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| format!("{}: {}", s.code(), s.message())),
+            Err(e) => Err(e),
+        };
+        Ok::<_, CtlError>((c.name().to_string(), r))
+    })?;
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
-            writeln!(
-                out,
-                "{}: agent UNREACHABLE (127.0.0.1:{port}): {e}",
-                cluster.name
-            )?;
+            writeln!(out, "{cluster}: agent {}: {e}", bad("UNREACHABLE"))?;
             return Ok(Status::Problems);
         }
     };
     let services: Vec<ServiceReport> = resp.services.iter().map(service_report).collect();
-    match args.output {
-        OutputFormat::Json => {
-            serde_json::to_writer_pretty(&mut *out, &services)?;
-            writeln!(out)?;
-        }
-        OutputFormat::Table => {
+    emit(out, args.output, &services, |out| {
+        writeln!(
+            out,
+            "global services seen by the agent of {cluster} ({}):",
+            services.len()
+        )?;
+        for s in &services {
+            let ip = if s.cluster_set_ip.is_empty() {
+                "<none>"
+            } else {
+                s.cluster_set_ip.as_str()
+            };
             writeln!(
                 out,
-                "global services seen by the agent of {} ({}):",
-                cluster.name,
-                services.len()
+                "{}/{}  clusterset-ip {ip}  affinity {}{}",
+                s.namespace,
+                s.name,
+                s.affinity,
+                if s.headless { "  headless" } else { "" }
             )?;
-            for s in &services {
-                let ip = if s.cluster_set_ip.is_empty() {
-                    "<none>"
-                } else {
-                    s.cluster_set_ip.as_str()
-                };
-                writeln!(
-                    out,
-                    "{}/{}  clusterset-ip {ip}  affinity {}{}",
-                    s.namespace,
-                    s.name,
-                    s.affinity,
-                    if s.headless { "  headless" } else { "" }
-                )?;
-                let per: Vec<String> = s
-                    .backends
-                    .iter()
-                    .map(|b| format!("{} {}/{}", b.cluster, b.active, b.total))
-                    .collect();
-                writeln!(out, "  backends (active/total): {}", list(&per))?;
-                for c in &s.conflicts {
-                    writeln!(out, "  conflict: {c}")?;
-                }
+            let per: Vec<String> = s
+                .backends
+                .iter()
+                .map(|b| format!("{} {}/{}", b.cluster, b.active, b.total))
+                .collect();
+            writeln!(out, "  backends (active/total): {}", list(&per))?;
+            for c in &s.conflicts {
+                writeln!(out, "  conflict: {}", warn(c))?;
             }
         }
-    }
+        Ok::<(), std::io::Error>(())
+    })?;
     Ok(Status::Ok)
 }
 

@@ -21,13 +21,14 @@ use clap::Args;
 use mesh_certs::{CertRequest, CertificateAuthority};
 use serde::{Deserialize, Serialize};
 
-use super::etcd_auth;
-use super::{CtlError, Status};
+use super::admin::{self, AdminEntry, AdminExtension, KUBECONFIG_FILE};
+use super::{CtlError, Status, connect, etcd_auth};
 use crate::kv::{EtcdConfig, EtcdStore};
-use crate::model::{ClusterId, ClusterName, MaxConnectedClusters};
-use crate::peers::{PeerCredential, write_peer_file};
+use crate::model::{ClusterName, MaxConnectedClusters};
 
 const STATE_FILE: &str = "state.json";
+/// Optional file in the examples directory listing the clusters in ID order.
+const ORDER_FILE: &str = "clusters";
 const ETCD_BIN: &str = "etcd";
 const APISERVER_BIN: &str = "clustermesh-apiserver";
 const AGENT_BIN: &str = "mesh-agent";
@@ -36,7 +37,8 @@ const CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Arguments of `meshctl up`.
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
-    /// Number of clusters (at most as many as the examples directory has cluster dirs).
+    /// Number of clusters: the first N of the examples directory (its `clusters` file gives
+    /// the order; IDs are 1..N).
     #[arg(long, default_value_t = 2)]
     pub clusters: u16,
     /// Where certificates, data, logs and state.json live.
@@ -52,6 +54,9 @@ pub struct UpArgs {
     /// How long to wait for every agent to become ready, in seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// On failure, leave what was started running (for debugging) instead of stopping it.
+    #[arg(long)]
+    pub keep_on_failure: bool,
 }
 
 /// Arguments of `meshctl down`.
@@ -278,7 +283,40 @@ fn root_config(p: &Plan, port: u16) -> Result<EtcdConfig, CtlError> {
     })
 }
 
+/// The example clusters in ID order: the names listed in `<examples>/clusters` (one per
+/// line, `#` comments), or, without that file, the sorted sub-directory names.
 fn example_clusters(examples: &Path) -> Result<Vec<(String, PathBuf)>, CtlError> {
+    let order = examples.join(ORDER_FILE);
+    match std::fs::read_to_string(&order) {
+        Ok(text) => {
+            let mut out: Vec<(String, PathBuf)> = Vec::new();
+            for (n, line) in text.lines().enumerate() {
+                let name = line.split('#').next().unwrap_or("").trim();
+                if name.is_empty() {
+                    continue;
+                }
+                let dir = examples.join(name);
+                let bad = |reason: &str| {
+                    fail(format!("{}:{}: {name:?}: {reason}", order.display(), n + 1))
+                };
+                if !dir.is_dir() {
+                    return Err(bad("no such directory next to the file"));
+                }
+                if out.iter().any(|(o, _)| o == name) {
+                    return Err(bad("listed twice"));
+                }
+                out.push((name.to_owned(), dir));
+            }
+            return Ok(out);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(CtlError::Read {
+                path: order,
+                source,
+            });
+        }
+    }
     let rd = std::fs::read_dir(examples).map_err(|source| CtlError::Read {
         path: examples.to_owned(),
         source,
@@ -450,36 +488,59 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
             })
             .collect(),
     };
+    // Bad manifests stop `up` before anything runs.
+    if let Err(e) = check_manifests(&plans, &state, &apiserver_bin) {
+        for p in &plans {
+            let _ = std::fs::remove_dir_all(&p.dir);
+        }
+        let _ = std::fs::remove_file(state_dir.join(STATE_FILE));
+        return Err(e);
+    }
     state.save()?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mut children: Vec<(usize, Child)> = Vec::new();
-    let result = rt.block_on(start_all(
-        &plans,
-        &mut state,
-        &mut children,
-        &etcd,
-        &apiserver_bin,
-        &agent_bin,
-        out,
-    ));
-    if let Err(e) = result {
-        writeln!(
+    let result = rt
+        .block_on(start_all(
+            &plans,
+            &mut state,
+            &mut children,
+            &etcd,
+            &apiserver_bin,
+            &agent_bin,
             out,
-            "meshctl up failed; what started is recorded in {} (stop it with `meshctl down --state-dir {}`)",
-            state_dir.join(STATE_FILE).display(),
-            state_dir.display()
-        )?;
+        ))
+        .and_then(|()| {
+            wait_ready(
+                &state,
+                &mut children,
+                Duration::from_secs(args.timeout_secs),
+                out,
+            )
+        });
+    if let Err(e) = result {
+        if args.keep_on_failure {
+            writeln!(
+                out,
+                "meshctl up failed; what started keeps running as recorded in {} (stop it with `meshctl down --state-dir {}`)",
+                state_dir.join(STATE_FILE).display(),
+                state_dir.display()
+            )?;
+        } else {
+            // Nothing half-done: stop what was started; keep the logs for the post-mortem.
+            let (stopped, _) = stop_recorded(&state, &state_dir, out)?;
+            drop(children);
+            std::fs::remove_file(state_dir.join(STATE_FILE))?;
+            writeln!(
+                out,
+                "meshctl up failed; stopped the {stopped} process(es) it had started (logs kept under {})",
+                state_dir.display()
+            )?;
+        }
         return Err(e);
     }
-    wait_ready(
-        &state,
-        &mut children,
-        Duration::from_secs(args.timeout_secs),
-        out,
-    )?;
     writeln!(out, "mesh is up")?;
     print_summary(&state, out)?;
     Ok(Status::Ok)
@@ -496,7 +557,6 @@ async fn start_all(
     out: &mut impl Write,
 ) -> Result<(), CtlError> {
     // etcd per cluster, then auth bootstrap.
-    let mut roots = Vec::new();
     for (i, p) in plans.iter().enumerate() {
         let cs = state.clusters[i].clone();
         let client = format!("https://127.0.0.1:{}", cs.etcd_port);
@@ -565,85 +625,31 @@ async fn start_all(
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         children.push((i, child));
-        let root = store.client();
-        etcd_auth::bootstrap(&root, p.name.as_str())
+        etcd_auth::bootstrap(&store.client(), p.name.as_str())
             .await
             .map_err(fail)?;
-        roots.push(root);
     }
 
-    // Every pair: A reads B with remote-A in B's etcd.
-    let mode = MaxConnectedClusters::from_u32(255).map_err(|e| fail(e.to_string()))?;
-    for (a, pa) in plans.iter().enumerate() {
-        for (b, pb) in plans.iter().enumerate() {
-            if a == b {
-                continue;
-            }
-            let user = etcd_auth::remote_user(pa.name.as_str());
-            etcd_auth::add_remote_user(&roots[b], pa.name.as_str())
-                .await
-                .map_err(fail)?;
-            let cert = pb
-                .ca
-                .issue(&CertRequest::client(&user).with_validity(CERT_VALIDITY))
-                .map_err(cert_err(format!("issuing {user} for {}", pb.name)))?;
-            let cred = PeerCredential {
-                name: pb.name.clone(),
-                cluster_id: ClusterId::new(pb.id, mode).map_err(|e| fail(e.to_string()))?,
-                max_connected_clusters: mode,
-                server: format!("https://127.0.0.1:{}", state.clusters[b].etcd_port),
-                ca_pem: pb.ca.cert_pem().to_owned(),
-                cert_pem: cert.cert_pem,
-                key_pem: cert.key_pem,
-                tls_server_name: Some("localhost".into()),
-            };
-            let path = write_peer_file(&pa.dir.join("peers"), &cred, &user)?;
-            writeln!(out, "{} -> {}: {}", pa.name, pb.name, path.display())?;
+    // Every pair, through the admin kubeconfig (the same path as `meshctl connect`).
+    let kubeconfig = write_admin_kubeconfigs(plans, state)?;
+    writeln!(out, "admin kubeconfig: {}", kubeconfig.display())?;
+    let admins = admin::load(&[kubeconfig])?;
+    let mut sides = Vec::with_capacity(admins.len());
+    for a in &admins {
+        sides.push(connect::open(a).await?);
+    }
+    for (i, a) in sides.iter().enumerate() {
+        for b in &sides[i + 1..] {
+            connect::connect_pair(a, b, CERT_VALIDITY).await?;
+            writeln!(out, "{} <-> {}: connected", a.admin.name(), b.admin.name())?;
         }
     }
 
     // apiserver + agent per cluster.
     for (i, p) in plans.iter().enumerate() {
         let cs = state.clusters[i].clone();
-        let etcd_flags = |stem: &str| -> Vec<String> {
-            vec![
-                "--cluster-name".into(),
-                p.name.to_string(),
-                "--cluster-id".into(),
-                p.id.to_string(),
-                "--etcd-endpoint".into(),
-                format!("https://127.0.0.1:{}", cs.etcd_port),
-                "--etcd-ca".into(),
-                p.pki_file("ca.crt"),
-                "--etcd-cert".into(),
-                p.pki_file(&format!("{stem}.crt")),
-                "--etcd-key".into(),
-                p.pki_file(&format!("{stem}.key")),
-                "--etcd-server-name".into(),
-                "localhost".into(),
-                "--peers-dir".into(),
-                p.dir.join("peers").display().to_string(),
-                "--grpc-cert".into(),
-                p.pki_file(&format!("{stem}-grpc.crt")),
-                "--grpc-key".into(),
-                p.pki_file(&format!("{stem}-grpc.key")),
-                "--grpc-client-ca".into(),
-                p.pki_file("ca.crt"),
-            ]
-        };
-        let mut a = etcd_flags("apiserver");
-        a.extend([
-            "--manifests".into(),
-            p.manifests.display().to_string(),
-            "--clusterset-cidr".into(),
-            format!("198.19.{}.0/24", 128 + (p.id % 128)),
-            "--grpc-listen".into(),
-            format!("127.0.0.1:{}", cs.apiserver_grpc_port),
-            "--health-listen".into(),
-            format!("127.0.0.1:{}", cs.apiserver_health_port),
-        ]);
         let log = p.log("apiserver");
-        let child = spawn_detached(apiserver_bin, &a, &log)?;
+        let child = spawn_detached(apiserver_bin, &apiserver_args(p, &cs), &log)?;
         record(state, i, "apiserver", APISERVER_BIN, child.id(), log)?;
         writeln!(
             out,
@@ -653,22 +659,128 @@ async fn start_all(
         )?;
         children.push((i, child));
 
-        let mut a = etcd_flags("agent");
-        a.extend([
-            "--peer-access".into(),
-            "cached".into(),
-            "--grpc-listen".into(),
-            format!("127.0.0.1:{}", cs.agent_grpc_port),
-            "--health-listen".into(),
-            format!("127.0.0.1:{}", cs.agent_health_port),
-        ]);
         let log = p.log("agent");
-        let child = spawn_detached(agent_bin, &a, &log)?;
+        let child = spawn_detached(agent_bin, &agent_args(p, &cs), &log)?;
         record(state, i, "agent", AGENT_BIN, child.id(), log)?;
         writeln!(out, "{}: mesh-agent started (pid {})", p.name, child.id())?;
         children.push((i, child));
     }
     Ok(())
+}
+
+/// Flags both the apiserver and the agent of `p` take: cluster, etcd (client certificate
+/// `<stem>.crt`), peers dir, gRPC server certificate `<stem>-grpc.crt`.
+fn common_args(p: &Plan, cs: &ClusterState, stem: &str) -> Vec<String> {
+    vec![
+        "--cluster-name".into(),
+        p.name.to_string(),
+        "--cluster-id".into(),
+        p.id.to_string(),
+        "--etcd-endpoint".into(),
+        format!("https://127.0.0.1:{}", cs.etcd_port),
+        "--etcd-ca".into(),
+        p.pki_file("ca.crt"),
+        "--etcd-cert".into(),
+        p.pki_file(&format!("{stem}.crt")),
+        "--etcd-key".into(),
+        p.pki_file(&format!("{stem}.key")),
+        "--etcd-server-name".into(),
+        "localhost".into(),
+        "--peers-dir".into(),
+        p.dir.join("peers").display().to_string(),
+        "--grpc-cert".into(),
+        p.pki_file(&format!("{stem}-grpc.crt")),
+        "--grpc-key".into(),
+        p.pki_file(&format!("{stem}-grpc.key")),
+        "--grpc-client-ca".into(),
+        p.pki_file("ca.crt"),
+    ]
+}
+
+fn apiserver_args(p: &Plan, cs: &ClusterState) -> Vec<String> {
+    let mut a = common_args(p, cs, "apiserver");
+    a.extend([
+        "--manifests".into(),
+        p.manifests.display().to_string(),
+        "--clusterset-cidr".into(),
+        format!("198.19.{}.0/24", 128 + (p.id % 128)),
+        "--grpc-listen".into(),
+        format!("127.0.0.1:{}", cs.apiserver_grpc_port),
+        "--health-listen".into(),
+        format!("127.0.0.1:{}", cs.apiserver_health_port),
+    ]);
+    a
+}
+
+fn agent_args(p: &Plan, cs: &ClusterState) -> Vec<String> {
+    let mut a = common_args(p, cs, "agent");
+    a.extend([
+        "--peer-access".into(),
+        "cached".into(),
+        "--grpc-listen".into(),
+        format!("127.0.0.1:{}", cs.agent_grpc_port),
+        "--health-listen".into(),
+        format!("127.0.0.1:{}", cs.agent_health_port),
+    ]);
+    a
+}
+
+/// Runs `clustermesh-apiserver --check` on every cluster's manifests before anything starts.
+fn check_manifests(
+    plans: &[Plan],
+    state: &MeshState,
+    apiserver_bin: &Path,
+) -> Result<(), CtlError> {
+    for (p, cs) in plans.iter().zip(&state.clusters) {
+        let mut a = apiserver_args(p, cs);
+        a.push("--check".into());
+        let o = Command::new(apiserver_bin)
+            .args(&a)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| fail(format!("running {} --check: {e}", apiserver_bin.display())))?;
+        if !o.status.success() {
+            let text = String::from_utf8_lossy(&o.stderr);
+            let text = text.trim().trim_start_matches("Error: ");
+            return Err(fail(format!(
+                "cluster {}: the manifests in {} do not load:\n{text}",
+                p.name,
+                p.manifests.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `<state>/kubeconfig` (every cluster) and `<state>/<c>/admin.kubeconfig` (one each).
+fn write_admin_kubeconfigs(plans: &[Plan], state: &MeshState) -> Result<PathBuf, CtlError> {
+    let mode = MaxConnectedClusters::from_u32(255).map_err(|e| fail(e.to_string()))?;
+    let entries: Vec<AdminEntry> = plans
+        .iter()
+        .zip(&state.clusters)
+        .map(|(p, cs)| AdminEntry {
+            name: p.name.clone(),
+            cluster_id: u16::try_from(p.id).unwrap_or(u16::MAX),
+            max_connected_clusters: mode,
+            server: format!("https://127.0.0.1:{}", cs.etcd_port),
+            tls_server_name: Some("localhost".into()),
+            ca_file: p.pki().join("ca.crt"),
+            cert_file: p.pki().join("root.crt"),
+            key_file: p.pki().join("root.key"),
+            ext: AdminExtension {
+                peers_dir: p.dir.join("peers"),
+                ca_key: p.pki().join("ca.key"),
+                apiserver_grpc: Some(format!("127.0.0.1:{}", cs.apiserver_grpc_port)),
+                agent_grpc: Some(format!("127.0.0.1:{}", cs.agent_grpc_port)),
+            },
+        })
+        .collect();
+    for (e, p) in entries.iter().zip(plans) {
+        admin::write_kubeconfig(&p.dir.join("admin.kubeconfig"), std::slice::from_ref(e))?;
+    }
+    let path = state.state_dir.join(KUBECONFIG_FILE);
+    admin::write_kubeconfig(&path, &entries)?;
+    Ok(path)
 }
 
 fn record(
@@ -797,20 +909,36 @@ fn print_summary(st: &MeshState, out: &mut impl Write) -> Result<(), CtlError> {
             )?;
         }
     }
+    let dir = st.state_dir.display();
+    let first = st.clusters.first().map_or("east", |c| c.name.as_str());
+    let second = st.clusters.get(1).map_or("west", |c| c.name.as_str());
     writeln!(
         out,
-        "try: curl http://127.0.0.1:{}/readyz; stop with: meshctl down --state-dir {} [--purge]",
-        st.clusters.first().map_or(0, |c| c.agent_health_port),
-        st.state_dir.display()
+        "admin kubeconfig: {}",
+        st.state_dir.join(KUBECONFIG_FILE).display()
     )?;
+    writeln!(out, "try:")?;
+    writeln!(out, "  meshctl status --state-dir {dir}")?;
+    writeln!(out, "  meshctl services --state-dir {dir}")?;
+    writeln!(
+        out,
+        "  meshctl identities --state-dir {dir} --cluster {first}"
+    )?;
+    writeln!(out, "  meshctl diagnose --state-dir {dir}")?;
+    writeln!(
+        out,
+        "  meshctl disconnect {first} {second} --state-dir {dir} --wait"
+    )?;
+    writeln!(
+        out,
+        "  meshctl connect {first} {second} --state-dir {dir} --wait"
+    )?;
+    writeln!(out, "  meshctl down --state-dir {dir} --purge")?;
     Ok(())
 }
 
 /// `meshctl down`.
 pub(super) fn down(args: &DownArgs, out: &mut impl Write) -> Result<Status, CtlError> {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-
     let state_dir = absolute(&args.state_dir)?;
     let Some(st) = MeshState::load(&state_dir)? else {
         writeln!(
@@ -820,6 +948,31 @@ pub(super) fn down(args: &DownArgs, out: &mut impl Write) -> Result<Status, CtlE
         )?;
         return Ok(Status::Ok);
     };
+    let (stopped, killed) = stop_recorded(&st, &state_dir, out)?;
+    writeln!(
+        out,
+        "stopped {stopped} process(es) ({killed} killed) recorded in {}",
+        state_dir.join(STATE_FILE).display()
+    )?;
+    if args.purge {
+        // Give killed processes a moment to go, then remove everything.
+        std::thread::sleep(Duration::from_millis(if killed > 0 { 500 } else { 0 }));
+        std::fs::remove_dir_all(&state_dir)?;
+        writeln!(out, "removed {}", state_dir.display())?;
+    }
+    Ok(Status::Ok)
+}
+
+/// SIGTERM every recorded process that is still ours (agents and apiservers first, etcd
+/// last), wait up to 10 s, SIGKILL the rest. Returns (signalled, killed).
+fn stop_recorded(
+    st: &MeshState,
+    state_dir: &Path,
+    out: &mut impl Write,
+) -> Result<(usize, usize), CtlError> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
     // Agents and apiservers first, etcd last.
     let mut procs: Vec<&ProcState> = st.all_procs().collect();
     procs.sort_by_key(|p| p.role == "etcd");
@@ -827,7 +980,7 @@ pub(super) fn down(args: &DownArgs, out: &mut impl Write) -> Result<Status, CtlE
         let Ok(pid) = i32::try_from(p.pid) else {
             return false;
         };
-        is_ours(p.pid, &p.binary, &state_dir) && kill(Pid::from_raw(pid), sig).is_ok()
+        is_ours(p.pid, &p.binary, state_dir) && kill(Pid::from_raw(pid), sig).is_ok()
     };
     let mut stopping: Vec<&ProcState> = Vec::new();
     for p in procs {
@@ -839,7 +992,7 @@ pub(super) fn down(args: &DownArgs, out: &mut impl Write) -> Result<Status, CtlE
     while Instant::now() < deadline
         && stopping
             .iter()
-            .any(|p| is_ours(p.pid, &p.binary, &state_dir))
+            .any(|p| is_ours(p.pid, &p.binary, state_dir))
     {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -854,17 +1007,5 @@ pub(super) fn down(args: &DownArgs, out: &mut impl Write) -> Result<Status, CtlE
             )?;
         }
     }
-    writeln!(
-        out,
-        "stopped {} process(es) ({killed} killed) recorded in {}",
-        stopping.len(),
-        state_dir.join(STATE_FILE).display()
-    )?;
-    if args.purge {
-        // Give killed processes a moment to go, then remove everything.
-        std::thread::sleep(Duration::from_millis(if killed > 0 { 500 } else { 0 }));
-        std::fs::remove_dir_all(&state_dir)?;
-        writeln!(out, "removed {}", state_dir.display())?;
-    }
-    Ok(Status::Ok)
+    Ok((stopping.len(), killed))
 }

@@ -146,19 +146,41 @@ impl PeerCredential {
     /// `server` is `https://host:port`; the CA, client certificate and key parse as PEM and
     /// the key belongs to the certificate.
     pub fn from_kubeconfig(path: &Path, text: &str) -> Result<PeerCredential, PeerConfigError> {
-        // Same deserialization as `Kubeconfig::from_yaml`, minus its silent multi-document merge.
-        let parse_err = |message: String| PeerConfigError::Parse {
-            path: path.to_owned(),
-            message,
-        };
-        let mut docs = serde_saphyr::from_multiple::<Kubeconfig>(text)
-            .map_err(|e| parse_err(e.without_snippet().to_string()))?;
-        let kc = match docs.len() {
-            0 => return Err(parse_err("empty document".into())),
-            1 => docs.swap_remove(0),
-            n => return Err(parse_err(format!("expected one YAML document, found {n}"))),
-        };
+        let kc = parse_kubeconfig(path, text)?;
         Parser { path }.credential(&kc)
+    }
+
+    /// Every context of a kubeconfig that may hold several (such as the admin kubeconfig
+    /// `meshctl up` writes, one context per cluster), each resolved like
+    /// [`PeerCredential::from_kubeconfig`] resolves its one context, with the context's
+    /// extensions for callers that carry more than `meshd.io/cluster`. Context names must be
+    /// unique.
+    pub fn contexts_from_kubeconfig(
+        path: &Path,
+        text: &str,
+    ) -> Result<Vec<(PeerCredential, Vec<NamedExtension>)>, PeerConfigError> {
+        let kc = parse_kubeconfig(path, text)?;
+        let parser = Parser { path };
+        if kc.contexts.is_empty() {
+            return Err(parser.err("contexts", "no context"));
+        }
+        let mut out: Vec<(PeerCredential, Vec<NamedExtension>)> = Vec::new();
+        for (xi, context) in kc.contexts.iter().enumerate() {
+            if out.iter().any(|(c, _)| c.name.as_str() == context.name) {
+                return Err(parser.err(
+                    format!("contexts[{xi}].name"),
+                    format!("{:?} is defined more than once", context.name),
+                ));
+            }
+            let cred = parser.context_credential(&kc, xi)?;
+            let ext = context
+                .context
+                .as_ref()
+                .and_then(|c| c.extensions.clone())
+                .unwrap_or_default();
+            out.push((cred, ext));
+        }
+        Ok(out)
     }
 
     /// The etcd client configuration for this peer: one endpoint, TLS with the client
@@ -234,6 +256,21 @@ impl PeerCredential {
     }
 }
 
+/// Same deserialization as `Kubeconfig::from_yaml`, minus its silent multi-document merge.
+fn parse_kubeconfig(path: &Path, text: &str) -> Result<Kubeconfig, PeerConfigError> {
+    let parse_err = |message: String| PeerConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    };
+    let mut docs = serde_saphyr::from_multiple::<Kubeconfig>(text)
+        .map_err(|e| parse_err(e.without_snippet().to_string()))?;
+    match docs.len() {
+        0 => Err(parse_err("empty document".into())),
+        1 => Ok(docs.swap_remove(0)),
+        n => Err(parse_err(format!("expected one YAML document, found {n}"))),
+    }
+}
+
 /// Validation with the file path at hand for error messages.
 struct Parser<'a> {
     path: &'a Path,
@@ -245,14 +282,9 @@ impl Parser<'_> {
     }
 
     fn credential(&self, kc: &Kubeconfig) -> Result<PeerCredential, PeerConfigError> {
-        let cluster = exactly_one(&kc.clusters, "cluster").map_err(|r| self.err("clusters", r))?;
-        let user = exactly_one(&kc.auth_infos, "user").map_err(|r| self.err("users", r))?;
+        exactly_one(&kc.clusters, "cluster").map_err(|r| self.err("clusters", r))?;
+        exactly_one(&kc.auth_infos, "user").map_err(|r| self.err("users", r))?;
         let context = exactly_one(&kc.contexts, "context").map_err(|r| self.err("contexts", r))?;
-
-        // The context: its name is the peer's name, it references the one cluster and user.
-        let name = ClusterName::new(context.name.clone())
-            .map_err(|e| self.err("contexts[0].name", e.to_string()))?;
-        self.check_file_stem(&name)?;
         if let Some(current) = &kc.current_context
             && current != &context.name
         {
@@ -261,56 +293,83 @@ impl Parser<'_> {
                 format!("{current:?} is not the one context {:?}", context.name),
             ));
         }
+        let cred = self.context_credential(kc, 0)?;
+        self.check_file_stem(&cred.name)?;
+        Ok(cred)
+    }
+
+    /// The credential of context number `xi`, with the cluster and user entries it names.
+    fn context_credential(
+        &self,
+        kc: &Kubeconfig,
+        xi: usize,
+    ) -> Result<PeerCredential, PeerConfigError> {
+        let context = &kc.contexts[xi];
+        let name = ClusterName::new(context.name.clone())
+            .map_err(|e| self.err(format!("contexts[{xi}].name"), e.to_string()))?;
         let ctx = context
             .context
             .as_ref()
-            .ok_or_else(|| self.err("contexts[0].context", "missing"))?;
-        if ctx.cluster != cluster.name {
-            return Err(self.err(
-                "contexts[0].context.cluster",
-                format!(
-                    "{:?} does not name the cluster entry {:?}",
-                    ctx.cluster, cluster.name
-                ),
-            ));
-        }
-        match &ctx.user {
-            Some(u) if *u == user.name => {}
-            Some(u) => {
-                return Err(self.err(
-                    "contexts[0].context.user",
-                    format!("{u:?} does not name the user entry {:?}", user.name),
-                ));
-            }
-            None => return Err(self.err("contexts[0].context.user", "missing")),
-        }
+            .ok_or_else(|| self.err(format!("contexts[{xi}].context"), "missing"))?;
+        let ci = kc
+            .clusters
+            .iter()
+            .position(|c| c.name == ctx.cluster)
+            .ok_or_else(|| {
+                self.err(
+                    format!("contexts[{xi}].context.cluster"),
+                    format!(
+                        "{:?} does not name the cluster entry {}",
+                        ctx.cluster,
+                        entry_names(kc.clusters.iter().map(|c| c.name.as_str()))
+                    ),
+                )
+            })?;
+        let cluster = &kc.clusters[ci];
+        let ui = match &ctx.user {
+            Some(u) => kc
+                .auth_infos
+                .iter()
+                .position(|a| a.name == *u)
+                .ok_or_else(|| {
+                    self.err(
+                        format!("contexts[{xi}].context.user"),
+                        format!(
+                            "{u:?} does not name the user entry {}",
+                            entry_names(kc.auth_infos.iter().map(|a| a.name.as_str()))
+                        ),
+                    )
+                })?,
+            None => return Err(self.err(format!("contexts[{xi}].context.user"), "missing")),
+        };
+        let user = &kc.auth_infos[ui];
         let (cluster_id, max_connected_clusters) =
-            self.extension(ctx.extensions.as_deref().unwrap_or_default())?;
+            self.extension(xi, ctx.extensions.as_deref().unwrap_or_default())?;
 
         // The cluster entry: server, CA, TLS server name.
         let c = cluster
             .cluster
             .as_ref()
-            .ok_or_else(|| self.err("clusters[0].cluster", "missing"))?;
+            .ok_or_else(|| self.err(format!("clusters[{ci}].cluster"), "missing"))?;
         let server = c
             .server
             .clone()
-            .ok_or_else(|| self.err("clusters[0].cluster.server", "missing"))?;
-        check_server(&server).map_err(|r| self.err("clusters[0].cluster.server", r))?;
+            .ok_or_else(|| self.err(format!("clusters[{ci}].cluster.server"), "missing"))?;
+        check_server(&server).map_err(|r| self.err(format!("clusters[{ci}].cluster.server"), r))?;
         if c.insecure_skip_tls_verify == Some(true) {
             return Err(self.err(
-                "clusters[0].cluster.insecure-skip-tls-verify",
+                format!("clusters[{ci}].cluster.insecure-skip-tls-verify"),
                 "must not be true: peers are always verified against their CA",
             ));
         }
         let tls_server_name = match &c.tls_server_name {
             Some(n) if n.trim().is_empty() => {
-                return Err(self.err("clusters[0].cluster.tls-server-name", "empty"));
+                return Err(self.err(format!("clusters[{ci}].cluster.tls-server-name"), "empty"));
             }
             other => other.clone(),
         };
         let ca = self.pem_source(
-            "clusters[0].cluster.certificate-authority",
+            &format!("clusters[{ci}].cluster.certificate-authority"),
             c.certificate_authority_data.as_deref(),
             c.certificate_authority.as_deref(),
         )?;
@@ -321,15 +380,15 @@ impl Parser<'_> {
         let auth = user
             .auth_info
             .as_ref()
-            .ok_or_else(|| self.err("users[0].user", "missing"))?;
+            .ok_or_else(|| self.err(format!("users[{ui}].user"), "missing"))?;
         let cert = self.pem_source(
-            "users[0].user.client-certificate",
+            &format!("users[{ui}].user.client-certificate"),
             auth.client_certificate_data.as_deref(),
             auth.client_certificate.as_deref(),
         )?;
         let key_data = client_key_data(auth);
         let key = self.pem_source(
-            "users[0].user.client-key",
+            &format!("users[{ui}].user.client-key"),
             key_data.as_deref(),
             auth.client_key.as_deref(),
         )?;
@@ -380,9 +439,10 @@ impl Parser<'_> {
 
     fn extension(
         &self,
+        xi: usize,
         extensions: &[NamedExtension],
     ) -> Result<(ClusterId, MaxConnectedClusters), PeerConfigError> {
-        let base = format!("contexts[0].context.extensions[{CLUSTER_EXTENSION}]");
+        let base = format!("contexts[{xi}].context.extensions[{CLUSTER_EXTENSION}]");
         let mut found = extensions.iter().filter(|e| e.name == CLUSTER_EXTENSION);
         let ext = found
             .next()
@@ -475,6 +535,16 @@ struct PemSource {
     /// The field it came from (for errors about its content).
     field: String,
     pem: String,
+}
+
+/// `"a"` or `"a", "b"` for error messages (`(none)` when empty).
+fn entry_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<String> = names.map(|n| format!("{n:?}")).collect();
+    if v.is_empty() {
+        "(none)".to_owned()
+    } else {
+        v.join(", ")
+    }
 }
 
 fn read_pem_file(path: &Path) -> Result<String, String> {

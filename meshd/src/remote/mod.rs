@@ -36,6 +36,9 @@ pub use self::status::{PeerState, PeerStatus};
 #[cfg(test)]
 mod tests;
 use crate::backoff::{Backoff, BackoffConfig};
+
+/// Longest wait before asking a reachable peer again whether it has exported yet.
+const NOT_EXPORTED_RETRY: Duration = Duration::from_secs(1);
 use crate::events::ClusterEvent;
 use crate::keys::{self, IdentityScope, Key, StateKind};
 use crate::kv::{EtcdConfig, EtcdStore, KvError, KvStore};
@@ -338,10 +341,11 @@ impl Supervisor {
                 Ended::Stopped => break,
                 Ended::Failed(e) => {
                     let refused = matches!(e, SupervisorError::Refused(_));
-                    if matches!(
+                    let not_yet = matches!(
                         e,
                         SupervisorError::NotExported(_) | SupervisorError::NoHeartbeat(_)
-                    ) {
+                    );
+                    if not_yet {
                         tracing::info!(error = %e, "cluster not exported yet; retrying");
                     } else {
                         tracing::warn!(error = %e, "cluster connection failed");
@@ -361,7 +365,13 @@ impl Supervisor {
                         break;
                     }
                     let since = *down_since.get_or_insert_with(Instant::now);
-                    let delay = backoff.next_delay();
+                    // A peer that answers but has not exported yet is polled at least once
+                    // a second (one cheap read), so a new connection is used promptly.
+                    let delay = if not_yet {
+                        backoff.next_delay().min(NOT_EXPORTED_RETRY)
+                    } else {
+                        backoff.next_delay()
+                    };
                     // Wait, draining the data once the cache TTL passes.
                     let until = Instant::now() + delay;
                     loop {

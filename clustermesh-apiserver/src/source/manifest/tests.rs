@@ -127,6 +127,60 @@ fn sample_clusters_parse_cleanly() {
     assert_eq!(ready, [true, true, false]);
 }
 
+#[test]
+fn small_sample_clusters_parse_cleanly() {
+    use ObjectKind::*;
+    let order = std::fs::read_to_string(examples().join("clusters")).unwrap();
+    let names: Vec<&str> = order
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(names.len(), 8, "deploy/examples/clusters lists 8 clusters");
+    for name in &names[2..] {
+        let (objects, errors) = parse_cluster(name);
+        assert!(errors.is_empty(), "{name}: {errors:#?}");
+        assert_eq!(
+            counts(&objects),
+            BTreeMap::from([
+                (Namespace, 2),
+                (Service, 1),
+                (EndpointSlice, 1),
+                (Pod, 2),
+                (Node, 1)
+            ]),
+            "{name}"
+        );
+        let expected = ManifestSource::new(examples().join(name)).check();
+        assert_eq!(expected, Ok(7), "{name}");
+    }
+}
+
+#[test]
+fn check_reports_every_bad_document_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        examples().join("north/nodes.yaml"),
+        dir.path().join("nodes.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  ports:\n  - port: \"eighty\"\n",
+    )
+    .unwrap();
+    let errors = ManifestSource::new(dir.path().to_owned())
+        .check()
+        .unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].location.contains("broken.yaml"), "{errors:#?}");
+    let missing = ManifestSource::new(dir.path().join("nope"))
+        .check()
+        .unwrap_err();
+    assert_eq!(missing.len(), 1);
+    assert!(missing[0].location.contains("nope"), "{missing:#?}");
+}
+
 fn unix_seconds(rfc3339: &str) -> i64 {
     time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
         .unwrap()

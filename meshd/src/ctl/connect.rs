@@ -1,0 +1,626 @@
+//! `meshctl connect` / `disconnect`: peer two clusters through their admin kubeconfigs
+//! (DESIGN §6).
+//!
+//! ```text
+//!  connect A B   reach both etcds as root (TCP, then TLS against the context's CA: a
+//!                mismatch is named as such) ─► checks: not the same cluster, IDs differ,
+//!                maxConnectedClusters equal, each etcd's cluster-config agrees with its
+//!                context, not already connected, no ID clash with either side's peers
+//!                ─► remote-A in B's etcd, remote-B in A's, client certs signed by the
+//!                owning side's CA ─► A/peers/B.kubeconfig, B/peers/A.kubeconfig
+//!                (a failure undoes what was done, in reverse) ─► --wait: both agents
+//!                report each other ready
+//!  disconnect    remove both peer files (apiservers and agents drain the peer), revoke
+//!                both users ─► --wait: neither agent lists the other
+//! ```
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use etcd_client::Client;
+use mesh_certs::{CertRequest, CertificateAuthority};
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::cluster_mesh_client::ClusterMeshClient;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::admin::{self, ClusterAdmin, KubeconfigArgs};
+use super::certs::parse_validity;
+use super::etcd_auth;
+use super::output::{OutputFormat, emit};
+use super::{CtlError, Status};
+use crate::keys::{Key, decode_cluster_config};
+use crate::peers::{PeerCredential, remove_peer_file, write_peer_file};
+
+const POLL: Duration = Duration::from_millis(250);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Arguments of `meshctl connect`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:
+  meshctl connect east west --wait
+  meshctl connect east north --kubeconfig a/kubeconfig:b/kubeconfig -o json")]
+pub struct ConnectArgs {
+    /// One cluster (a context of the admin kubeconfig).
+    pub a: String,
+    /// The other cluster.
+    pub b: String,
+    /// Which kubeconfig(s) name the clusters.
+    #[command(flatten)]
+    pub kube: KubeconfigArgs,
+    /// Wait until both agents report each other connected and synced.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, e.g. 60s, 2m.
+    #[arg(long, default_value = "60s", value_parser = parse_validity)]
+    pub timeout: Duration,
+    /// Validity of the peer client certificates, e.g. 365d, 90d.
+    #[arg(long, default_value = "365d", value_parser = parse_validity)]
+    pub validity: Duration,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+/// Arguments of `meshctl disconnect`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:
+  meshctl disconnect east west --wait")]
+pub struct DisconnectArgs {
+    /// One cluster (a context of the admin kubeconfig).
+    pub a: String,
+    /// The other cluster.
+    pub b: String,
+    /// Which kubeconfig(s) name the clusters.
+    #[command(flatten)]
+    pub kube: KubeconfigArgs,
+    /// Wait until neither agent lists the other any more.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "60s", value_parser = parse_validity)]
+    pub timeout: Duration,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PairReport {
+    clusters: [String; 2],
+    /// `connected` or `disconnected`.
+    result: &'static str,
+    steps: Vec<String>,
+    waited: bool,
+    /// With --wait: whether the agents got there in time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settled: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    waiting_for: Vec<String>,
+}
+
+/// One side of a pair, opened: its etcd as root and its CA.
+pub(super) struct Side<'a> {
+    pub(super) admin: &'a ClusterAdmin,
+    etcd: Client,
+    ca: CertificateAuthority,
+}
+
+fn fail(msg: impl Into<String>) -> CtlError {
+    CtlError::Up(msg.into())
+}
+
+/// TCP then TLS to the context's etcd endpoint, so that "nothing listens" and "the server
+/// is not signed by the CA you gave" are told apart from later etcd errors.
+async fn probe(admin: &ClusterAdmin) -> Result<(), CtlError> {
+    let server = &admin.cred.server;
+    let hostport = server.strip_prefix("https://").unwrap_or(server);
+    let hostport = hostport.trim_end_matches('/');
+    let host = hostport
+        .rsplit_once(':')
+        .map_or(hostport, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let tcp = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(hostport))
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "cannot reach the etcd of {} at {server} ({}): no answer within {} s",
+                admin.name(),
+                admin.whence(),
+                PROBE_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            fail(format!(
+                "cannot reach the etcd of {} at {server} ({}): {e}",
+                admin.name(),
+                admin.whence()
+            ))
+        })?;
+    let config = mesh_certs::client_config(
+        &admin.cred.ca_pem,
+        Some((&admin.cred.cert_pem, &admin.cred.key_pem)),
+    )
+    .map_err(|source| CtlError::Cert {
+        context: format!("TLS settings of {}", admin.whence()),
+        source,
+    })?;
+    let name = admin
+        .cred
+        .tls_server_name
+        .clone()
+        .unwrap_or_else(|| host.to_owned());
+    let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+        .map_err(|e| fail(format!("{}: server name {name:?}: {e}", admin.whence())))?;
+    let tls = tokio_rustls::TlsConnector::from(config);
+    match tokio::time::timeout(PROBE_TIMEOUT, tls.connect(server_name, tcp)).await {
+        Err(_) => Err(fail(format!(
+            "TLS handshake with the etcd of {} at {server} timed out ({})",
+            admin.name(),
+            admin.whence()
+        ))),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            let detail = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .cloned();
+            Err(fail(match detail {
+                Some(rustls::Error::InvalidCertificate(why)) => format!(
+                    "CA mismatch: the etcd of {} at {server} presented a certificate the CA in {} does not accept ({why:?})",
+                    admin.name(),
+                    admin.whence()
+                ),
+                _ => format!(
+                    "TLS handshake with the etcd of {} at {server} failed ({}): {e}",
+                    admin.name(),
+                    admin.whence()
+                ),
+            }))
+        }
+    }
+}
+
+/// Reaches `admin`'s etcd as root and loads its CA.
+pub(super) async fn open(admin: &ClusterAdmin) -> Result<Side<'_>, CtlError> {
+    let ca = admin.ca()?;
+    probe(admin).await?;
+    let etcd = admin.etcd().await?;
+    Ok(Side { admin, etcd, ca })
+}
+
+async fn has_user(side: &Side<'_>, user: &str) -> Result<bool, CtlError> {
+    let mut c = side.etcd.clone();
+    let list = c.user_list().await.map_err(|e| {
+        fail(format!(
+            "listing the etcd users of {}: {}",
+            side.admin.name(),
+            super::error_chain(&e)
+        ))
+    })?;
+    Ok(list.users().iter().any(|u| u == user))
+}
+
+/// Everything that must hold before `a` and `b` are linked; changes nothing.
+async fn check_pair(a: &Side<'_>, b: &Side<'_>) -> Result<(), CtlError> {
+    let (ca, cb) = (&a.admin.cred, &b.admin.cred);
+    if ca.name == cb.name {
+        return Err(fail(format!(
+            "cannot connect {} to itself",
+            a.admin.whence()
+        )));
+    }
+    if ca.cluster_id == cb.cluster_id {
+        return Err(fail(format!(
+            "ID clash: cluster ID {} is used by both {} ({}) and {} ({}); cluster IDs must be unique in a mesh",
+            ca.cluster_id,
+            ca.name,
+            a.admin.whence(),
+            cb.name,
+            b.admin.whence()
+        )));
+    }
+    if ca.max_connected_clusters != cb.max_connected_clusters {
+        return Err(fail(format!(
+            "{} runs with maxConnectedClusters {} but {} with {}; every cluster of a mesh must use the same value",
+            ca.name,
+            ca.max_connected_clusters.get(),
+            cb.name,
+            cb.max_connected_clusters.get()
+        )));
+    }
+    for (s, o) in [(a, b), (b, a)] {
+        let (me, other) = (&s.admin.cred, &o.admin.cred);
+        // What the running apiserver says about itself must agree with the context.
+        let key = Key::ClusterConfig(me.name.clone()).to_string();
+        let mut c = s.etcd.clone();
+        let resp = c.get(key.as_str(), None).await.map_err(|e| {
+            fail(format!(
+                "reading {key} from the etcd of {}: {}",
+                me.name,
+                super::error_chain(&e)
+            ))
+        })?;
+        if let Some(kv) = resp.kvs().first() {
+            let cfg = decode_cluster_config(&me.name, kv.value())
+                .map_err(|e| fail(format!("{key} in the etcd of {}: {e}", me.name)))?;
+            if cfg.id != me.cluster_id || cfg.max_connected_clusters != me.max_connected_clusters {
+                return Err(fail(format!(
+                    "{} says cluster {} has ID {} (maxConnectedClusters {}), but its apiserver runs with ID {} ({}) per {key}",
+                    s.admin.whence(),
+                    me.name,
+                    me.cluster_id,
+                    me.max_connected_clusters.get(),
+                    cfg.id,
+                    cfg.max_connected_clusters.get()
+                )));
+            }
+        }
+        for peer in s.admin.configured_peers()?.into_iter().flatten() {
+            if peer.name == other.name {
+                return Err(fail(format!(
+                    "{} and {} are already connected ({} exists); run `meshctl disconnect {} {}` first",
+                    me.name,
+                    other.name,
+                    s.admin
+                        .ext
+                        .peers_dir
+                        .join(PeerCredential::file_name(&other.name))
+                        .display(),
+                    me.name,
+                    other.name
+                )));
+            }
+            if peer.cluster_id == other.cluster_id {
+                return Err(fail(format!(
+                    "ID clash: {} is already connected to {} with cluster ID {}, the ID of {}",
+                    me.name, peer.name, peer.cluster_id, other.name
+                )));
+            }
+        }
+        let user = etcd_auth::remote_user(other.name.as_str());
+        if has_user(s, &user).await? {
+            return Err(fail(format!(
+                "the etcd of {} already has user {user} (a connection to {} half made or half removed); run `meshctl disconnect {} {}` to clean up",
+                me.name, other.name, me.name, other.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+enum Undo {
+    User {
+        side: usize,
+        user: String,
+    },
+    File {
+        dir: PathBuf,
+        peer: crate::model::ClusterName,
+    },
+}
+
+/// Checks and links `a` and `b` both ways; on failure undoes what it did. Returns the steps
+/// taken, for output.
+pub(super) async fn connect_pair(
+    a: &Side<'_>,
+    b: &Side<'_>,
+    validity: Duration,
+) -> Result<Vec<String>, CtlError> {
+    check_pair(a, b).await?;
+    let sides = [a, b];
+    let mut done: Vec<Undo> = Vec::new();
+    let mut steps = Vec::new();
+    let result: Result<(), CtlError> = async {
+        // `reader` reads `owner`: user remote-<reader> in owner's etcd, cert from owner's CA.
+        for (reader, owner) in [(0usize, 1usize), (1, 0)] {
+            let (r, o) = (sides[reader], sides[owner]);
+            let user = etcd_auth::remote_user(r.admin.name().as_str());
+            etcd_auth::add_remote_user(&o.etcd, r.admin.name().as_str())
+                .await
+                .map_err(|e| fail(format!("{}: {e}", o.admin.name())))?;
+            done.push(Undo::User {
+                side: owner,
+                user: user.clone(),
+            });
+            steps.push(format!("created etcd user {user} in {}", o.admin.name()));
+            let cert =
+                o.ca.issue(&CertRequest::client(&user).with_validity(validity))
+                    .map_err(|source| CtlError::Cert {
+                        context: format!("issuing {user} from the CA of {}", o.admin.name()),
+                        source,
+                    })?;
+            let oc = &o.admin.cred;
+            let cred = PeerCredential {
+                name: oc.name.clone(),
+                cluster_id: oc.cluster_id,
+                max_connected_clusters: oc.max_connected_clusters,
+                server: oc.server.clone(),
+                ca_pem: oc.ca_pem.clone(),
+                cert_pem: cert.cert_pem,
+                key_pem: cert.key_pem,
+                tls_server_name: oc.tls_server_name.clone(),
+            };
+            let dir = &r.admin.ext.peers_dir;
+            let path = write_peer_file(dir, &cred, &user).map_err(|source| CtlError::Read {
+                path: dir.join(PeerCredential::file_name(&oc.name)),
+                source,
+            })?;
+            done.push(Undo::File {
+                dir: dir.clone(),
+                peer: oc.name.clone(),
+            });
+            steps.push(format!("wrote {}", path.display()));
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        for u in done.into_iter().rev() {
+            match u {
+                Undo::User { side, user } => {
+                    let _ = sides[side].etcd.clone().user_delete(user.as_str()).await;
+                }
+                Undo::File { dir, peer } => {
+                    let _ = remove_peer_file(&dir, &peer);
+                }
+            }
+        }
+        return Err(e);
+    }
+    Ok(steps)
+}
+
+/// Removes both credentials and revokes both users. Errors if there was nothing to remove.
+async fn disconnect_pair(a: &Side<'_>, b: &Side<'_>) -> Result<Vec<String>, CtlError> {
+    if a.admin.name() == b.admin.name() {
+        return Err(fail(format!(
+            "{} cannot be disconnected from itself",
+            a.admin.name()
+        )));
+    }
+    let mut steps = Vec::new();
+    // Files first: apiservers and agents stop reading the peer before its user goes.
+    for (s, o) in [(a, b), (b, a)] {
+        let dir = &s.admin.ext.peers_dir;
+        let removed = remove_peer_file(dir, o.admin.name()).map_err(|source| CtlError::Read {
+            path: dir.join(PeerCredential::file_name(o.admin.name())),
+            source,
+        })?;
+        if removed {
+            steps.push(format!(
+                "removed {}",
+                dir.join(PeerCredential::file_name(o.admin.name()))
+                    .display()
+            ));
+        }
+    }
+    for (s, o) in [(a, b), (b, a)] {
+        let user = etcd_auth::remote_user(o.admin.name().as_str());
+        if has_user(s, &user).await? {
+            s.etcd
+                .clone()
+                .user_delete(user.as_str())
+                .await
+                .map_err(|e| {
+                    fail(format!(
+                        "revoking etcd user {user} in {}: {}",
+                        s.admin.name(),
+                        super::error_chain(&e)
+                    ))
+                })?;
+            steps.push(format!("revoked etcd user {user} in {}", s.admin.name()));
+        }
+    }
+    if steps.is_empty() {
+        return Err(fail(format!(
+            "{} and {} are not connected (no peer files, no remote users)",
+            a.admin.name(),
+            b.admin.name()
+        )));
+    }
+    Ok(steps)
+}
+
+async fn agent_client(admin: &ClusterAdmin) -> Result<ClusterMeshClient<Channel>, String> {
+    let addr = admin
+        .ext
+        .agent_grpc
+        .as_deref()
+        .ok_or("the admin kubeconfig names no agent (agentGrpc)")?;
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(admin.grpc_tls())
+        .map_err(|e| super::error_chain(&e))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| super::error_chain(&e))?;
+    Ok(ClusterMeshClient::new(channel))
+}
+
+/// What `admin`'s agent says about `peer`: `None` when it does not list it.
+async fn agent_peer(admin: &ClusterAdmin, peer: &str) -> Result<Option<pb::PeerStatus>, String> {
+    let mut c = agent_client(admin).await?;
+    let st = c
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    Ok(st.peers.into_iter().find(|p| p.name == peer))
+}
+
+/// Polls both agents until `done` holds for each side's view of the other; returns what is
+/// still awaited when the time is up (empty: settled).
+async fn wait_pair(
+    a: &ClusterAdmin,
+    b: &ClusterAdmin,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&Option<pb::PeerStatus>) -> bool,
+) -> Vec<String> {
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut waiting = Vec::new();
+        for (s, o) in [(a, b), (b, a)] {
+            match agent_peer(s, o.name().as_str()).await {
+                Ok(p) if done(&p) => {}
+                Ok(Some(p)) => waiting.push(format!(
+                    "agent of {} sees {} {}{}",
+                    s.name(),
+                    o.name(),
+                    p.state,
+                    if p.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", p.last_error)
+                    }
+                )),
+                Ok(None) => waiting.push(format!(
+                    "agent of {} does not list {} yet",
+                    s.name(),
+                    o.name()
+                )),
+                Err(e) => waiting.push(format!("agent of {} unreachable: {e}", s.name())),
+            }
+        }
+        if waiting.is_empty() || Instant::now() >= deadline {
+            bar.finish_and_clear();
+            return waiting;
+        }
+        bar.set_message(format!("waiting until {what}: {}", waiting.join("; ")));
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CtlError> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn write_report(out: &mut impl Write, r: &PairReport) -> std::io::Result<()> {
+    for s in &r.steps {
+        writeln!(out, "  {s}")?;
+    }
+    match r.settled {
+        Some(true) => writeln!(
+            out,
+            "{} {} and {}: {}",
+            super::output::good("OK"),
+            r.clusters[0],
+            r.clusters[1],
+            r.result
+        ),
+        Some(false) => {
+            writeln!(
+                out,
+                "{} {} and {}: {}, but still waiting for:",
+                super::output::bad("TIMEOUT"),
+                r.clusters[0],
+                r.clusters[1],
+                r.result
+            )?;
+            for w in &r.waiting_for {
+                writeln!(out, "  - {w}")?;
+            }
+            Ok(())
+        }
+        None => writeln!(
+            out,
+            "{} and {}: {} (run with --wait, or `meshctl status`, to see them settle)",
+            r.clusters[0], r.clusters[1], r.result
+        ),
+    }
+}
+
+/// `meshctl connect`.
+pub(super) fn connect(args: &ConnectArgs, out: &mut impl Write) -> Result<Status, CtlError> {
+    let admins = admin::load(&args.kube.files())?;
+    let (a, b) = (
+        admin::select(&admins, &args.a)?,
+        admin::select(&admins, &args.b)?,
+    );
+    runtime()?.block_on(async {
+        let (sa, sb) = (open(a).await?, open(b).await?);
+        let steps = connect_pair(&sa, &sb, args.validity).await?;
+        let waiting = if args.wait {
+            Some(
+                wait_pair(
+                    a,
+                    b,
+                    args.timeout,
+                    "both agents report each other ready",
+                    |p| {
+                        p.as_ref()
+                            .is_some_and(|p| p.connected && p.state == "ready")
+                    },
+                )
+                .await,
+            )
+        } else {
+            None
+        };
+        finish(args.output, out, [a, b], "connected", steps, waiting)
+    })
+}
+
+/// `meshctl disconnect`.
+pub(super) fn disconnect(args: &DisconnectArgs, out: &mut impl Write) -> Result<Status, CtlError> {
+    let admins = admin::load(&args.kube.files())?;
+    let (a, b) = (
+        admin::select(&admins, &args.a)?,
+        admin::select(&admins, &args.b)?,
+    );
+    runtime()?.block_on(async {
+        let (sa, sb) = (open(a).await?, open(b).await?);
+        let steps = disconnect_pair(&sa, &sb).await?;
+        let waiting = if args.wait {
+            Some(
+                wait_pair(a, b, args.timeout, "neither agent lists the other", |p| {
+                    p.is_none()
+                })
+                .await,
+            )
+        } else {
+            None
+        };
+        finish(args.output, out, [a, b], "disconnected", steps, waiting)
+    })
+}
+
+fn finish(
+    format: OutputFormat,
+    out: &mut impl Write,
+    pair: [&ClusterAdmin; 2],
+    result: &'static str,
+    steps: Vec<String>,
+    waiting: Option<Vec<String>>,
+) -> Result<Status, CtlError> {
+    let report = PairReport {
+        clusters: pair.map(|c| c.name().to_string()),
+        result,
+        steps,
+        waited: waiting.is_some(),
+        settled: waiting.as_ref().map(Vec::is_empty),
+        waiting_for: waiting.unwrap_or_default(),
+    };
+    emit(out, format, &report, |out| write_report(out, &report))?;
+    Ok(if report.settled == Some(false) {
+        Status::Problems
+    } else {
+        Status::Ok
+    })
+}
