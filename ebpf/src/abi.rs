@@ -22,8 +22,25 @@ pub mod prog {
     pub const RECVMSG4: &str = "mesh_recvmsg4";
     /// `cgroup/getpeername4`.
     pub const GETPEERNAME4: &str = "mesh_getpeer4";
+    /// `cgroup/connect6` (IPv4-mapped destinations only).
+    pub const CONNECT6: &str = "mesh_connect6";
+    /// `cgroup/sendmsg6` (IPv4-mapped destinations only).
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
+    /// `cgroup/recvmsg6` (IPv4-mapped peers only).
+    pub const RECVMSG6: &str = "mesh_recvmsg6";
+    /// `cgroup/getpeername6` (IPv4-mapped peers only).
+    pub const GETPEERNAME6: &str = "mesh_getpeer6";
     /// Every socket-LB program.
-    pub const SOCK_LB: [&str; 4] = [CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
+    pub const SOCK_LB: [&str; 8] = [
+        CONNECT4,
+        SENDMSG4,
+        RECVMSG4,
+        GETPEERNAME4,
+        CONNECT6,
+        SENDMSG6,
+        RECVMSG6,
+        GETPEERNAME6,
+    ];
     /// `classifier` on the tc INGRESS hook of an endpoint's host-side interface
     /// (packets the endpoint sends: policy direction egress).
     pub const FROM_ENDPOINT: &str = "mesh_from_ep";
