@@ -467,6 +467,24 @@ fn ebpf_socket_lb_translates_tcp_and_udp_and_restores_the_vip() {
         "UDP reaches both backends, saw {seen_udp:?}"
     );
 
+    // Dual-stack AF_INET6 sockets reach the IPv4 service through its v4-mapped address.
+    let mapped = format!("::ffff:{vip}");
+    for proto in ["tcp6", "udp6"] {
+        let port = if proto == "tcp6" { 80 } else { 53 };
+        let r = client(&client_pod, Some(&cg), proto, &mapped, port, 3.0)
+            .unwrap_or_else(|e| panic!("{proto} via {mapped}: {e}"));
+        let (name, peer) = r.split_once(' ').expect("reply and peer");
+        assert!(name == "b1" || name == "b2", "{r}");
+        assert_eq!(
+            peer,
+            format!("{mapped}:{port}"),
+            "{proto}: the peer must be the mapped VIP"
+        );
+    }
+    // Outside the cgroup the mapped VIP is unreachable too.
+    let outside = client(&client_pod, None, "tcp6", &mapped, 80, 1.0);
+    assert!(outside.is_err(), "{outside:?}");
+
     // Shrink to one backend: every new connection goes there.
     dp.upsert_service(
         ServiceKey {
