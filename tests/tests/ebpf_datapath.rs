@@ -654,9 +654,38 @@ fn ebpf_policy_allows_port_drops_others_reports_and_lets_replies_through() {
     client(&other, None, "tcp", db.ip, 5432, 3.0).expect("no policy after detach");
 }
 
+/// Programs attached to `cg`, from `bpftool -j cgroup show`.
+fn cgroup_programs(cg: &Cgroup) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&cg.path)
+        .output()
+        .expect("bpftool (scripts/deps installs it)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| p["name"].as_str().unwrap_or("?").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pinned_links(pins: &Bpffs) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(pins.pin_dir().join("links"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 #[test]
-fn ebpf_reload_with_the_same_pin_dir_keeps_map_entries_and_translation() {
-    require_root!("ebpf_reload_with_the_same_pin_dir_keeps_map_entries_and_translation");
+fn ebpf_reload_with_the_same_pin_dir_keeps_maps_links_and_traffic() {
+    require_root!("ebpf_reload_with_the_same_pin_dir_keeps_maps_links_and_traffic");
     let pins = Bpffs::new();
     let cg = Cgroup::new("re");
     let mut lab = Lab::new("r");
@@ -668,6 +697,20 @@ fn ebpf_reload_with_the_same_pin_dir_keeps_map_entries_and_translation() {
         vip,
         port: 80,
         proto: Protocol::Tcp,
+    };
+    // Policy on b1: only 8080 in. A dropped SYN times out; without policy, the closed
+    // port 8081 answers with a RST ("refused") at once.
+    let enforced = |label: &str| {
+        let r = client(&client_pod, None, "tcp", b1.ip, 8081, 1.0);
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("timed out")),
+            "{label}: policy must drop :8081, got {r:?}"
+        );
+    };
+    let translated = |label: &str| {
+        let r = client(&client_pod, Some(&cg), "tcp", vip, 80, 3.0)
+            .unwrap_or_else(|e| panic!("{label}: VIP unreachable: {e}"));
+        assert!(r.starts_with("b1 "), "{label}: {r}");
     };
 
     let mut dp = open(&pins, Some(&cg));
@@ -705,12 +748,21 @@ fn ebpf_reload_with_the_same_pin_dir_keeps_map_entries_and_translation() {
         },
     ])
     .expect("written");
+    dp.attach_interface(&b1.host_if).expect("tc attach");
     let before = dp.snapshot().expect("snapshot");
     assert_eq!(before.services.len(), 2, "master + 1 slot");
-    client(&client_pod, Some(&cg), "tcp", vip, 80, 3.0).expect("translation before reload");
-    drop(dp);
+    translated("first agent");
+    enforced("first agent");
+    assert_eq!(cgroup_programs(&cg).len(), 8, "{:?}", cgroup_programs(&cg));
+    let first_links = pinned_links(&pins);
+    assert_eq!(
+        first_links.len(),
+        10,
+        "8 socket + 2 tc links: {first_links:?}"
+    );
 
-    // The pins outlive the loader.
+    // The agent goes away (a crash is the same: nothing runs on drop).
+    drop(dp);
     for m in [
         abi::map::LB4_SERVICES,
         abi::map::LB4_BACKENDS,
@@ -723,8 +775,11 @@ fn ebpf_reload_with_the_same_pin_dir_keeps_map_entries_and_translation() {
             "{m} not pinned"
         );
     }
+    translated("no agent");
+    enforced("no agent");
 
-    let dp = open(&pins, Some(&cg));
+    // The next agent: same maps, its own links, the old generation retired.
+    let mut dp = open(&pins, Some(&cg));
     let after = dp.snapshot().expect("snapshot");
     assert_eq!(
         after, before,
@@ -737,7 +792,34 @@ fn ebpf_reload_with_the_same_pin_dir_keeps_map_entries_and_translation() {
             port: 8080
         }])
     );
-    // No apply after the reload: the new programs translate with the old entries.
-    let r = client(&client_pod, Some(&cg), "tcp", vip, 80, 3.0).expect("translation after reload");
-    assert!(r.starts_with("b1 "), "{r}");
+    dp.attach_interface(&b1.host_if).expect("tc attach again");
+    let second_links = pinned_links(&pins);
+    assert_eq!(
+        second_links.len(),
+        10,
+        "old links retired: {second_links:?}"
+    );
+    assert!(
+        second_links.iter().all(|l| !first_links.contains(l)),
+        "{first_links:?} → {second_links:?}"
+    );
+    assert_eq!(cgroup_programs(&cg).len(), 8, "{:?}", cgroup_programs(&cg));
+    // No apply after the reload: the new programs work with the old entries.
+    translated("second agent");
+    enforced("second agent");
+
+    dp.uninstall().expect("uninstall");
+    assert!(
+        cgroup_programs(&cg).is_empty(),
+        "{:?}",
+        cgroup_programs(&cg)
+    );
+    assert!(pinned_links(&pins).is_empty());
+    let r = client(&client_pod, None, "tcp", b1.ip, 8081, 1.0);
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("refused")),
+        "after uninstall nothing filters: {r:?}"
+    );
+    let r = client(&client_pod, Some(&cg), "tcp", vip, 80, 1.0);
+    assert!(r.is_err(), "after uninstall nothing translates: {r:?}");
 }

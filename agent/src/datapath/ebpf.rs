@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::CgroupAttachMode;
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
 use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier};
+use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use mesh_ebpf::{
     Counter, DropEvent, EndpointValue, IpcacheKey, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service,
@@ -61,9 +63,16 @@ pub fn cgroup2_mount() -> Result<PathBuf, DatapathError> {
         })
 }
 
-/// The real datapath. Dropping it detaches every program it attached (the links belong
-/// to the loaded objects); the pinned maps stay, and the next `open` with the same
-/// `pin_dir` reuses them without flushing.
+/// The real datapath.
+///
+/// Maps are pinned by name in `pin_dir`; program links (kernels with cgroup and TCX
+/// links, >= 6.6) are pinned in `pin_dir/links/<what>@<generation>` (bpffs forbids dots in names). Dropping the
+/// datapath (or the agent dying) therefore leaves programs, links and maps in place and
+/// traffic keeps flowing; the next `open` with the same `pin_dir` reuses the maps
+/// without flushing, attaches its own programs and only then unpins the previous
+/// generation's links. Both generations use the same maps, so the overlap is harmless
+/// (a translated address is no VIP any more; the verdicts agree). `uninstall` removes
+/// every link.
 pub struct AyaDatapath {
     config: AyaConfig,
     sock: Ebpf,
@@ -76,8 +85,17 @@ pub struct AyaDatapath {
     verdicts: PerCpuArray<MapData, Counter>,
     drops: RingBuf<MapData>,
     planner: Planner,
-    tc_links: BTreeMap<String, (SchedClassifierLinkId, SchedClassifierLinkId)>,
+    tc_links: BTreeMap<String, [TcHold; 2]>,
     cgroup: Option<PathBuf>,
+    generation: String,
+    pin_links: bool,
+}
+
+/// Who keeps a tc link alive: a pin in bpffs, or the loaded object (no link pinning).
+#[derive(Debug)]
+enum TcHold {
+    Pinned(PathBuf),
+    Owned(&'static str, SchedClassifierLinkId),
 }
 
 impl fmt::Debug for AyaDatapath {
@@ -191,8 +209,22 @@ impl AyaDatapath {
             planner,
             tc_links: BTreeMap::new(),
             cgroup: None,
+            generation: format!(
+                "{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
+            pin_links: KernelVersion::current()
+                .is_ok_and(|v| v.code() >= KernelVersion::new(6, 6, 0).code()),
             config,
         };
+        if dp.pin_links {
+            std::fs::create_dir_all(dp.links_dir()).map_err(|source| DatapathError::Io {
+                what: format!("creating {}", dp.links_dir().display()),
+                source,
+            })?;
+        }
         if !garbage.is_empty() {
             warn!(
                 entries = garbage.len(),
@@ -209,6 +241,10 @@ impl AyaDatapath {
             };
             dp.attach_cgroup(&dir)?;
             dp.cgroup = Some(dir);
+        }
+        // The new programs are in place: retire the previous generation's socket links.
+        for name in prog::SOCK_LB {
+            dp.retire(&format!("cg-{name}"), false)?;
         }
         info!(pin_dir = %dp.config.pin_dir.display(), reused_lb_entries = reused, cgroup = ?dp.cgroup, "eBPF datapath loaded");
         Ok(dp)
@@ -234,14 +270,137 @@ impl AyaDatapath {
             // links ignore the mode and always stack (a restarting agent can attach
             // before the old one detaches). BPF_F_ALLOW_MULTI itself makes
             // bpf_link_create fail with EINVAL, hence `Single`.
-            sock_prog(&mut self.sock, name)?
-                .attach(cg, CgroupAttachMode::Single)
-                .map_err(prog_err(
-                    name,
-                    format!("attaching to cgroup {}", dir.display()),
-                ))?;
+            let pin_links = self.pin_links;
+            let p = sock_prog(&mut self.sock, name)?;
+            let id = p.attach(cg, CgroupAttachMode::Single).map_err(prog_err(
+                name,
+                format!("attaching to cgroup {}", dir.display()),
+            ))?;
+            if pin_links {
+                let link = p
+                    .take_link(id)
+                    .map_err(prog_err(name, "taking the cgroup link".into()))?;
+                let fd = FdLink::try_from(link).map_err(|e| DatapathError::Link {
+                    what: format!("{name} on {} is not a bpf_link", dir.display()),
+                    source: Box::new(e),
+                })?;
+                self.pin(fd, &format!("cg-{name}"))?;
+            }
         }
         Ok(())
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.config.pin_dir.join("links")
+    }
+
+    fn pin(&self, link: FdLink, key: &str) -> Result<PathBuf, DatapathError> {
+        let path = self.links_dir().join(format!("{key}@{}", self.generation));
+        link.pin(&path).map_err(|e| DatapathError::Link {
+            what: format!("pinning {}", path.display()),
+            source: Box::new(e),
+        })?;
+        Ok(path)
+    }
+
+    /// Unpins (and so detaches) the links pinned under `key`: those of other generations,
+    /// or all of them with `all`.
+    fn retire(&self, key: &str, all: bool) -> Result<(), DatapathError> {
+        let dir = self.links_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let prefix = format!("{key}@");
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(generation) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if !all && generation == self.generation {
+                continue;
+            }
+            let path = e.path();
+            let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Link {
+                what: format!("opening pinned link {}", path.display()),
+                source: Box::new(e),
+            })?;
+            // Dropping the last reference detaches the link.
+            drop(link.unpin().map_err(|source| DatapathError::Io {
+                what: format!("unpinning {}", path.display()),
+                source,
+            })?);
+        }
+        Ok(())
+    }
+
+    /// Detaches everything this pin dir keeps attached (socket programs, every
+    /// interface's tc links, also those of earlier generations). The maps stay pinned.
+    pub fn uninstall(mut self) -> Result<(), DatapathError> {
+        let interfaces: Vec<String> = self.tc_links.keys().cloned().collect();
+        for i in interfaces {
+            self.detach_interface(&i)?;
+        }
+        let dir = self.links_dir();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let keys: std::collections::BTreeSet<String> = entries
+                .flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.rsplit_once('@').map(|(k, _)| k.to_owned())
+                })
+                .collect();
+            for k in keys {
+                self.retire(&k, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_tc(
+        &mut self,
+        ifname: &str,
+        name: &'static str,
+        hook: TcAttachType,
+        dir: &str,
+    ) -> Result<TcHold, DatapathError> {
+        let pin_links = self.pin_links;
+        let p = tc_prog(&mut self.policy, name)?;
+        let id = p
+            .attach(ifname, hook)
+            .map_err(prog_err(name, format!("attaching to {ifname} {dir}")))?;
+        if !pin_links {
+            return Ok(TcHold::Owned(name, id));
+        }
+        let link = p
+            .take_link(id)
+            .map_err(prog_err(name, format!("taking the {ifname} {dir} link")))?;
+        let fd = FdLink::try_from(link).map_err(|e| DatapathError::Link {
+            what: format!("{name} on {ifname} {dir} is not a TCX link"),
+            source: Box::new(e),
+        })?;
+        Ok(TcHold::Pinned(self.pin(fd, &tc_key(ifname, name))?))
+    }
+
+    fn release_tc(&mut self, ifname: &str, hold: TcHold) {
+        let r = match hold {
+            TcHold::Owned(name, id) => tc_prog(&mut self.policy, name)
+                .and_then(|p| p.detach(id).map_err(prog_err(name, "detaching".into()))),
+            TcHold::Pinned(path) => PinnedLink::from_pin(&path)
+                .map_err(|e| DatapathError::Link {
+                    what: format!("opening pinned link {}", path.display()),
+                    source: Box::new(e),
+                })
+                .and_then(|l| {
+                    l.unpin().map(drop).map_err(|source| DatapathError::Io {
+                        what: format!("unpinning {}", path.display()),
+                        source,
+                    })
+                }),
+        };
+        // An interface that is already gone took its links with it.
+        if let Err(e) = r {
+            warn!(interface = ifname, error = %e, "detaching tc program (interface gone?)");
+        }
     }
 
     fn write(&mut self, op: MapOp) -> Result<(), DatapathError> {
@@ -295,6 +454,24 @@ impl AyaDatapath {
             }
         }
     }
+}
+
+fn is_eexist(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::AlreadyExists
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The pin name of an interface's tc link; bpffs refuses names with dots (`eth0.100`).
+fn tc_key(ifname: &str, prog: &str) -> String {
+    format!("tc-{}-{prog}", ifname.replace('.', "%"))
 }
 
 fn sock_prog<'a>(
@@ -374,6 +551,8 @@ impl Datapath for AyaDatapath {
         }
         match tc::qdisc_add_clsact(ifname) {
             Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+            // Netlink says "Exclusivity flag on" (EEXIST) when clsact is already there.
+            Err(e) if is_eexist(&e) => {}
             Err(source) => {
                 return Err(DatapathError::Qdisc {
                     interface: ifname.to_owned(),
@@ -382,39 +561,41 @@ impl Datapath for AyaDatapath {
             }
         }
         // tc ingress = what the endpoint sends; tc egress = what it receives.
-        let from = tc_prog(&mut self.policy, prog::FROM_ENDPOINT)?
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(prog_err(
-                prog::FROM_ENDPOINT,
-                format!("attaching to {ifname} ingress"),
-            ))?;
-        let to = match tc_prog(&mut self.policy, prog::TO_ENDPOINT)?
-            .attach(ifname, TcAttachType::Egress)
-        {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = tc_prog(&mut self.policy, prog::FROM_ENDPOINT)?.detach(from);
-                return Err(prog_err(
-                    prog::TO_ENDPOINT,
-                    format!("attaching to {ifname} egress"),
-                )(e));
+        let mut held = Vec::with_capacity(2);
+        for (name, hook, dir) in [
+            (prog::FROM_ENDPOINT, TcAttachType::Ingress, "ingress"),
+            (prog::TO_ENDPOINT, TcAttachType::Egress, "egress"),
+        ] {
+            match self.attach_tc(ifname, name, hook, dir) {
+                Ok(h) => held.push(h),
+                Err(e) => {
+                    for h in held {
+                        self.release_tc(ifname, h);
+                    }
+                    return Err(e);
+                }
             }
-        };
-        self.tc_links.insert(ifname.to_owned(), (from, to));
+        }
+        let [from, to]: [TcHold; 2] = held
+            .try_into()
+            .map_err(|_| DatapathError::Invalid("two tc hooks".into()))?;
+        // The new programs are in place: retire an earlier generation's links.
+        for name in [prog::FROM_ENDPOINT, prog::TO_ENDPOINT] {
+            self.retire(&tc_key(ifname, name), false)?;
+        }
+        self.tc_links.insert(ifname.to_owned(), [from, to]);
         Ok(())
     }
 
     fn detach_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let Some((from, to)) = self.tc_links.remove(ifname) else {
-            return Ok(());
-        };
-        // An interface that is already gone took its links with it.
-        let r1 = tc_prog(&mut self.policy, prog::FROM_ENDPOINT)?.detach(from);
-        let r2 = tc_prog(&mut self.policy, prog::TO_ENDPOINT)?.detach(to);
-        for (name, r) in [(prog::FROM_ENDPOINT, r1), (prog::TO_ENDPOINT, r2)] {
-            if let Err(e) = r {
-                warn!(interface = ifname, program = name, error = %e, "detaching (interface gone?)");
+        if let Some(holds) = self.tc_links.remove(ifname) {
+            for h in holds {
+                self.release_tc(ifname, h);
             }
+        }
+        // Also the links an earlier agent generation left for this interface.
+        for name in [prog::FROM_ENDPOINT, prog::TO_ENDPOINT] {
+            self.retire(&tc_key(ifname, name), true)?;
         }
         Ok(())
     }

@@ -255,6 +255,15 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    /// Pinning, opening or converting a program link.
+    #[error("BPF link: {what}")]
+    Link {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Adding the clsact qdisc failed.
     #[error("adding clsact on {interface}")]
     Qdisc {
