@@ -114,7 +114,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
+	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct mesh_endpoint_value *ep;
 	struct mesh_ipcache_value *remote;
@@ -130,6 +130,20 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	enum mesh_verdict verdict;
 	__u16 enforce;
 
+	/* Headers in a non-linear skb: pull Ethernet + the largest IPv4 header + ports
+	 * into the linear area (pointers must be reloaded after a pull). */
+	{
+		__u32 want = sizeof(struct ethhdr) + 60 + 4;
+
+		if (want > skb->len)
+			want = skb->len;
+		if (data + want > data_end) {
+			bpf_skb_pull_data(skb, want);
+			data = (void *)(long)skb->data;
+			data_end = (void *)(long)skb->data_end;
+		}
+	}
+	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return count(skb, MESH_VERDICT_ALLOW_UNMANAGED);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))

@@ -823,3 +823,40 @@ fn ebpf_reload_with_the_same_pin_dir_keeps_maps_links_and_traffic() {
     let r = client(&client_pod, Some(&cg), "tcp", vip, 80, 1.0);
     assert!(r.is_err(), "after uninstall nothing translates: {r:?}");
 }
+
+#[test]
+fn ebpf_without_privileges_falls_back_to_recording() {
+    const CHILD: &str = "MESHD_TEST_UNPRIVILEGED_CHILD";
+    const NAME: &str = "ebpf_without_privileges_falls_back_to_recording";
+    if is_root() && std::env::var_os(CHILD).is_none() {
+        // Root cannot be refused: rerun this test as `nobody`.
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(std::env::current_exe().expect("test binary"))
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .expect("setpriv (util-linux)");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "unprivileged run failed:\n{all}");
+        assert!(
+            all.contains("recording fallback ok"),
+            "the child did not run the check:\n{all}"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (dp, why) = mesh_agent::datapath::open_or_record(AyaConfig {
+        pin_dir: dir.path().join("meshd"),
+        cgroup: None,
+        socket_lb: true,
+    })
+    .expect("an unprivileged open falls back instead of failing");
+    assert_eq!(dp.mode().as_str(), "recording");
+    let why = why.expect("the refusal is reported");
+    eprintln!("recording fallback ok: {why}");
+}

@@ -250,6 +250,13 @@ impl AyaDatapath {
         Ok(dp)
     }
 
+    /// The drop-event ring buffer's fd: readable when events are queued (wrap it in
+    /// `tokio::io::unix::AsyncFd` and call `take_drop_events` on readiness).
+    pub fn drop_events_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.drops.as_fd()
+    }
+
     /// The cgroup the socket-LB programs are attached to.
     pub fn cgroup(&self) -> Option<&Path> {
         self.cgroup.as_deref()
@@ -457,10 +464,15 @@ impl AyaDatapath {
 }
 
 fn is_eexist(e: &(dyn std::error::Error + 'static)) -> bool {
+    has_io_kind(e, std::io::ErrorKind::AlreadyExists)
+}
+
+/// Whether an `io::Error` of `kind` is somewhere in the source chain.
+pub(super) fn has_io_kind(e: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::AlreadyExists
+            && io.kind() == kind
         {
             return true;
         }

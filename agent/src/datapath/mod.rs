@@ -300,6 +300,27 @@ impl DatapathError {
     }
 }
 
+/// Opens the aya datapath; when the kernel refuses for lack of privilege (EPERM/EACCES
+/// anywhere in the cause chain) opens the recording datapath instead and returns the
+/// refusal with it, so the caller can say loudly (log and status) that nothing is
+/// enforced. Any other failure (a verifier rejection, a missing bpffs) is an error: a
+/// broken datapath must not pass for an unprivileged one.
+pub fn open_or_record(
+    config: AyaConfig,
+) -> Result<(Box<dyn Datapath>, Option<DatapathError>), DatapathError> {
+    match AyaDatapath::open(config) {
+        Ok(dp) => Ok((Box::new(dp), None)),
+        Err(e) if ebpf::has_io_kind(&e, std::io::ErrorKind::PermissionDenied) => {
+            tracing::warn!(
+                error = %e,
+                "no BPF privileges: running the RECORDING datapath; no load balancing or policy is enforced"
+            );
+            Ok((Box::new(RecordingDatapath::new()), Some(e)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The datapath seam (CONVENTIONS 13): the syncer writes through it, status reads it.
 pub trait Datapath: Send + std::fmt::Debug {
     /// `Ebpf` or `Recording`.
