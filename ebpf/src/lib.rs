@@ -20,6 +20,8 @@
 //! rewrite the destination; the choice is remembered in the LRU `mesh_lb4_revnat` keyed
 //! by (socket cookie, backend) so recvmsg4 (UDP replies) and getpeername4 report the
 //! VIP:port. A service with a master entry but 0 backends refuses the connect (EPERM).
+//! The `*6` hooks do the same for IPv4-mapped destinations (`::ffff:VIP`) of dual-stack
+//! `AF_INET6` sockets, with the same IPv4 maps; native IPv6 services have no maps yet.
 //!
 //! **Policy.** The tc programs run on each local endpoint's host-side veth. Directions
 //! are the endpoint's: the tc *ingress* hook sees what the endpoint sends (its egress,
@@ -41,6 +43,9 @@
 //! flag-based (TCP ACK) approach because it also covers UDP and ICMP and cannot be
 //! forged by setting flags. Limits: no TCP state machine or timeouts (entries live until
 //! LRU eviction), and a revoked policy does not cut flows already tracked.
+//!
+//! Not covered by the policy program: IPv6 packets (they pass as `ALLOW_UNMANAGED`;
+//! endpoints are known by their IPv4 address only).
 //!
 //! Byte order: addresses and ports in every key and value are network order (the raw
 //! fields hold them as-is; constructors take host values). Identities, ids, counts and

@@ -303,16 +303,16 @@ impl Planner {
     }
 
     fn alloc(&mut self) -> Result<u32, DatapathError> {
-        for _ in 0..=u32::MAX {
+        // Ids are never 0; there are u32::MAX - 1 of them.
+        if self.addrs.len() >= (u32::MAX - 1) as usize {
+            return Err(DatapathError::BackendIdsExhausted);
+        }
+        loop {
             self.next_id = self.next_id.wrapping_add(1);
             if self.next_id != 0 && !self.addrs.contains_key(&self.next_id) {
                 return Ok(self.next_id);
             }
-            if self.addrs.len() >= (u32::MAX - 1) as usize {
-                break;
-            }
         }
-        Err(DatapathError::BackendIdsExhausted)
     }
 
     fn release(&mut self, id: u32, ops: &mut Vec<MapOp>) {

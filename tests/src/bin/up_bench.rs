@@ -117,8 +117,7 @@ fn main() {
             .unwrap_or_default()
     );
     println!(
-        "| clusters | etcds up + auth | + peered | + processes started | all agents ready | {}-etcd serial baseline | ratio |",
-        "N"
+        "| clusters | etcds up + auth | + peered | + processes started | all agents ready | N-etcd serial baseline | ratio |"
     );
     println!("|---|---|---|---|---|---|---|");
     for n in [2usize, 8] {
