@@ -336,7 +336,7 @@ pub fn cluster_service<'a>(
                     Backend {
                         ports: bports.clone(),
                         ready: true,
-                        hostname: ep.hostname.clone(),
+                        hostname: endpoint_hostname(ep),
                         node: ep.node_name.clone(),
                         zone: ep.zone.clone(),
                     },
@@ -361,5 +361,16 @@ pub fn cluster_service<'a>(
         ports,
         backends,
         export_created: export.and_then(|e| e.created),
+    })
+}
+
+/// The per-endpoint DNS host label of an endpoint: its `hostname`, else the name of the pod
+/// its `targetRef` names (MCS DNS: `<hostname>.<clusterid>.<svc>.<ns>.svc.clusterset.local`).
+fn endpoint_hostname(ep: &k8s_openapi::api::discovery::v1::Endpoint) -> Option<String> {
+    ep.hostname.clone().or_else(|| {
+        ep.target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| r.name.clone())
     })
 }
