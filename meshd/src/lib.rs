@@ -14,6 +14,8 @@
 //!   [`kv::Session`]s.
 //! - [`reflector`]: list + watch + relist/sweep with backoff, as a stream of
 //!   [`reflector::Event`]s; undecodable entries are dropped and counted.
+//! - [`policy`]: the `MeshNetworkPolicy` engine (selector cache, incremental per-endpoint
+//!   allow entries as diffs for the datapath, `trace`), shared by the agent and meshctl.
 //! - [`backoff`], [`metrics`]: shared retry policy and Prometheus counters.
 //! - [`health`]: the plain-HTTP `/healthz`, `/readyz`, `/metrics` server every binary runs.
 //!
@@ -30,6 +32,7 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod peers;
+pub mod policy;
 pub mod process;
 pub mod reflector;
 pub mod remote;

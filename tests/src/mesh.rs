@@ -60,6 +60,17 @@ pub fn supervisor_config(name: &ClusterName, id: ClusterId) -> SupervisorConfig 
 impl TestCluster {
     /// Starts etcd, bootstraps it, and exports `objects`.
     pub async fn start(name: &str, id: u32, objects: Vec<Object>) -> anyhow::Result<Self> {
+        Box::pin(Self::start_with(name, id, objects, |_| {})).await
+    }
+
+    /// Like [`Self::start`], with the exporter's config adjusted by `configure` (e.g. a
+    /// short identity GC grace so deleted pods' identities go away within a test).
+    pub async fn start_with(
+        name: &str,
+        id: u32,
+        objects: Vec<Object>,
+        configure: impl FnOnce(&mut ExportConfig),
+    ) -> anyhow::Result<Self> {
         let name = ClusterName::new(name)?;
         let id = ClusterId::new(id, MaxConnectedClusters::C255)?;
         // Boxed: these futures are large and the caller's stays small.
@@ -69,6 +80,7 @@ impl TestCluster {
         let store: Arc<dyn KvStore> = Arc::new(root);
         let mut cfg = ExportConfig::new(name.clone(), id, MaxConnectedClusters::C255);
         cfg.heartbeat_interval = Duration::from_secs(1);
+        configure(&mut cfg);
         let (tx, src) = ChannelSource::new(4096);
         let mut exporter = RunningExporter::start(store.clone(), cfg, Box::new(src));
         for o in objects {

@@ -17,8 +17,8 @@ pub use identity::{Identity, IdentityEntry, ReservedIdentity};
 pub use labels::{CLUSTER_LABEL, Label, LabelSource, Labels, NAMESPACE_LABEL};
 pub use node::{Node, NodeAddress, NodeAddressType};
 pub use policy::{
-    EgressRule, Entity, IngressRule, MeshNetworkPolicy, MeshNetworkPolicySpec, POLICY_API_VERSION,
-    POLICY_KIND, PolicyProtocol, PortRule,
+    EgressRule, Entity, IngressRule, MAX_PORT_RANGE, MeshNetworkPolicy, MeshNetworkPolicySpec,
+    POLICY_API_VERSION, POLICY_KIND, PolicyProtocol, PolicyValidationError, PortRule,
 };
 pub use selector::{LabelSelector, LabelSelectorRequirement, SelectorOperator};
 pub use service::{Affinity, Backend, BackendPort, ClusterService, Protocol, ServicePort};
