@@ -5,6 +5,8 @@
 //!              ─ services ───► ListServices  (merged across clusters)
 //!              ─ identities ─► ListIdentities (all clusters)
 //!              ─ ipcache ────► ListIpCache    (the winning entry per IP)
+//!  SyncHandles ─ status ───────► GetStatus.datapath ("ebpf" / "recording (<why>)"), readiness
+//!              ─ drops ────────► ObserveDrops (server stream; identities → labels, clusters)
 //!  AgentApi ─routes─► mesh_proto::server::serve_mtls (shared with the apiserver)
 //! ```
 //!
@@ -18,15 +20,18 @@ use mesh_proto::v1 as pb;
 use mesh_proto::v1::cluster_mesh_server::{ClusterMesh, ClusterMeshServer};
 use meshd::model::{ClusterId, ClusterName, IdentityEntry, IpCacheEntry, MaxConnectedClusters};
 use meshd::remote::{PeerStatus, SupervisorConfig};
+use tokio::sync::watch;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
+use crate::datapath::DropEvent;
+use crate::datapath::sync::{DatapathStatus, SyncHandles, reason_name};
 use crate::runtime::{AgentStatus, ViewHandles};
-use crate::view::{ClusterEntry, MergedService};
+use crate::view::{ClusterEntry, IdentitiesSnapshot, MergedService};
 
 /// The component name reported by `GetStatus`.
 pub const COMPONENT: &str = "mesh-agent";
-/// The datapath reported by `GetStatus` (no datapath is wired into the agent yet).
+/// The datapath reported by `GetStatus` when the agent runs without a syncer.
 pub const DATAPATH: &str = "none";
 
 /// The `ClusterMesh` service of one agent.
@@ -36,6 +41,63 @@ pub struct AgentApi {
     cluster_id: ClusterId,
     mode: MaxConnectedClusters,
     handles: ViewHandles,
+    datapath: Option<SyncHandles>,
+}
+
+/// What readiness is computed from: the sources and the datapath.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// The agent's sources.
+    pub agent: AgentStatus,
+    /// The datapath (`None`: the agent runs without one).
+    pub datapath: Option<DatapathStatus>,
+}
+
+/// Why the agent is not ready: a source, or a datapath not reconciled yet (or failing).
+pub fn readiness_reason(r: &Readiness) -> Option<String> {
+    if let Some(why) = not_ready_reason(&r.agent) {
+        return Some(why);
+    }
+    let dp = r.datapath.as_ref()?;
+    if !dp.reconciled {
+        return Some(match &dp.last_error {
+            Some(e) => format!("not ready: datapath not reconciled yet (last error: {e})"),
+            None => "not ready: datapath not reconciled with the view yet".to_owned(),
+        });
+    }
+    None
+}
+
+/// A `Readiness` watch and the task that keeps it following both inputs (run it; it
+/// ends on `stop` or when an input closes).
+pub fn readiness(
+    mut agent: watch::Receiver<AgentStatus>,
+    mut datapath: watch::Receiver<DatapathStatus>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (
+    watch::Receiver<Readiness>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = watch::channel(Readiness::default());
+    let task = async move {
+        loop {
+            let next = Readiness {
+                agent: agent.borrow_and_update().clone(),
+                datapath: Some(datapath.borrow_and_update().clone()),
+            };
+            tx.send_if_modified(|r| {
+                let changed = *r != next;
+                *r = next;
+                changed
+            });
+            tokio::select! {
+                () = stop.cancelled() => break,
+                r = agent.changed() => if r.is_err() { break },
+                r = datapath.changed() => if r.is_err() { break },
+            }
+        }
+    };
+    (rx, task)
 }
 
 impl AgentApi {
@@ -46,7 +108,14 @@ impl AgentApi {
             cluster_id: cfg.local_id,
             mode: cfg.mode,
             handles,
+            datapath: None,
         }
+    }
+
+    /// Reports this datapath's status and streams its drop events.
+    pub fn with_datapath(mut self, handles: SyncHandles) -> Self {
+        self.datapath = Some(handles);
+        self
     }
 
     /// The tonic service wrapping this API.
@@ -78,12 +147,77 @@ impl ClusterMesh for AgentApi {
         _request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let status = self.handles.status.borrow().clone();
-        Ok(Response::new(status_to_proto(
-            &status,
-            &self.cluster,
-            self.cluster_id,
-            self.mode,
-        )))
+        let mut out = status_to_proto(&status, &self.cluster, self.cluster_id, self.mode);
+        if let Some(dp) = &self.datapath {
+            let r = Readiness {
+                agent: status,
+                datapath: Some(dp.status.borrow().clone()),
+            };
+            out.datapath = r
+                .datapath
+                .as_ref()
+                .map(DatapathStatus::describe)
+                .unwrap_or_default();
+            let why = readiness_reason(&r);
+            out.ready = why.is_none();
+            out.not_ready_reason = why.unwrap_or_default();
+        }
+        Ok(Response::new(out))
+    }
+
+    type ObserveDropsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::DropEvent, Status>> + Send + 'static>,
+    >;
+
+    async fn observe_drops(
+        &self,
+        request: Request<pb::ObserveDropsRequest>,
+    ) -> Result<Response<Self::ObserveDropsStream>, Status> {
+        let req = request.into_inner();
+        let filter = validate("", &req.cluster)?;
+        let Some(dp) = &self.datapath else {
+            return Err(Status::failed_precondition(
+                "this agent runs without a datapath",
+            ));
+        };
+        let (recent, rx) = dp.subscribe_drops();
+        let state = DropStream {
+            recent: recent.into(),
+            follow: req.follow,
+            rx,
+            identities: self.handles.identities.clone(),
+            status: self.handles.status.clone(),
+            local: (self.cluster.clone(), self.cluster_id),
+            ifnames: HashMap::new(),
+            filter,
+        };
+        let stream = futures::stream::unfold(state, |mut st| async move {
+            while let Some(ev) = st.recent.pop_front() {
+                let out = st.convert(&ev);
+                if st.selects(&out) {
+                    return Some((Ok(out), st));
+                }
+            }
+            if !st.follow {
+                return None;
+            }
+            loop {
+                match st.rx.recv().await {
+                    Ok(ev) => {
+                        let out = st.convert(&ev);
+                        if st.selects(&out) {
+                            return Some((Ok(out), st));
+                        }
+                    }
+                    // A slow reader skips what it missed.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(missed = n, "drop observer lagging");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_services(
@@ -149,6 +283,125 @@ impl ClusterMesh for AgentApi {
         Ok(Response::new(pb::ListIpCacheResponse {
             entries: entries.into_iter().map(|(_, _, e)| e).collect(),
         }))
+    }
+}
+
+/// One `ObserveDrops` stream's state.
+struct DropStream {
+    recent: std::collections::VecDeque<DropEvent>,
+    follow: bool,
+    rx: tokio::sync::broadcast::Receiver<DropEvent>,
+    identities: watch::Receiver<std::sync::Arc<IdentitiesSnapshot>>,
+    status: watch::Receiver<AgentStatus>,
+    local: (ClusterName, ClusterId),
+    ifnames: HashMap<u32, String>,
+    filter: Filter,
+}
+
+impl DropStream {
+    fn selects(&self, ev: &pb::DropEvent) -> bool {
+        let Some(c) = &self.filter.cluster else {
+            return true;
+        };
+        [&ev.source, &ev.destination]
+            .into_iter()
+            .flatten()
+            .any(|p| p.cluster == c.as_str())
+    }
+
+    fn convert(&mut self, ev: &DropEvent) -> pb::DropEvent {
+        let ids = self.identities.borrow().clone();
+        let names: HashMap<u16, String> = {
+            let st = self.status.borrow();
+            st.peers
+                .iter()
+                .filter_map(|p| Some((p.cluster_id?.get(), p.name.to_string())))
+                .chain([(self.local.1.get(), self.local.0.to_string())])
+                .collect()
+        };
+        let ifindex = ev.ifindex;
+        let interface = self
+            .ifnames
+            .entry(ifindex)
+            .or_insert_with(|| interface_name(ifindex).unwrap_or_else(|| ifindex.to_string()))
+            .clone();
+        drop_to_proto(ev, &ids, &names, interface, time::OffsetDateTime::now_utc())
+    }
+}
+
+/// The name of interface `ifindex` (`/sys/class/net/*/ifindex`).
+fn interface_name(ifindex: u32) -> Option<String> {
+    std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let idx: u32 = std::fs::read_to_string(e.path().join("ifindex"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            (idx == ifindex).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+}
+
+/// A drop event with identities resolved to labels and clusters. `cluster_names`: ID → name.
+pub fn drop_to_proto(
+    ev: &DropEvent,
+    identities: &IdentitiesSnapshot,
+    cluster_names: &HashMap<u16, String>,
+    interface: String,
+    now: time::OffsetDateTime,
+) -> pb::DropEvent {
+    let peer = |ip: std::net::Ipv4Addr, port: u16, id: u32| {
+        let identity = meshd::model::Identity::from_raw(id).ok();
+        let entry = identity.and_then(|i| identities.get(&i));
+        let (labels, cluster) = match (entry, identity.and_then(|i| i.reserved())) {
+            (Some(e), _) => (
+                e.value.labels.iter().map(ToString::to_string).collect(),
+                e.cluster.to_string(),
+            ),
+            (None, Some(r)) => (vec![format!("reserved:{}", r.name())], String::new()),
+            (None, None) => (Vec::new(), String::new()),
+        };
+        pb::FlowPeer {
+            ip: ip.to_string(),
+            port: u32::from(port),
+            identity: id,
+            labels,
+            cluster,
+        }
+    };
+    let mut source = peer(ev.src(), ev.src_port(), ev.src_identity);
+    let mut destination = peer(ev.dst(), ev.dst_port(), ev.dst_identity);
+    // The remote side's cluster from the ipcache when its identity is not known here.
+    let remote = if ev.direction == mesh_ebpf::direction::INGRESS {
+        &mut source
+    } else {
+        &mut destination
+    };
+    if remote.cluster.is_empty()
+        && let Some(n) = cluster_names.get(&ev.remote_cluster_id)
+    {
+        remote.cluster = n.clone();
+    }
+    pb::DropEvent {
+        time_unix_ms: i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+        source: Some(source),
+        destination: Some(destination),
+        protocol: match ev.proto {
+            6 => "TCP".to_owned(),
+            17 => "UDP".to_owned(),
+            1 => "ICMP".to_owned(),
+            n => n.to_string(),
+        },
+        direction: if ev.direction == mesh_ebpf::direction::INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
+        .to_owned(),
+        reason: reason_name(ev.reason).to_owned(),
+        interface,
     }
 }
 

@@ -14,6 +14,9 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AgentApi};
+use crate::datapath::iface::RouteResolver;
+use crate::datapath::sync::{DatapathMetrics, SyncConfig, SyncInputs, Syncer};
+use crate::datapath::{AyaConfig, AyaDatapath, Datapath, DatapathError, RecordingDatapath};
 use crate::metrics::{self, AgentMetrics};
 use crate::runtime::{Agent, AgentConfig, PeerAccess};
 
@@ -56,6 +59,30 @@ pub struct Args {
     /// Address of the plain-HTTP /healthz, /readyz and /metrics endpoints.
     #[arg(long, env = "MESH_HEALTH_LISTEN", default_value = "127.0.0.1:9091")]
     pub health_listen: SocketAddr,
+    /// Datapath: `ebpf` (fail without BPF), `recording` (enforce nothing), or `auto`
+    /// (eBPF when the kernel allows it and a bpffs is mounted, else recording, said
+    /// loudly in the log, status and metrics).
+    #[arg(long, env = "MESH_DATAPATH", value_enum, default_value_t = DatapathArg::Auto)]
+    pub datapath: DatapathArg,
+    /// bpffs directory of this agent's pinned maps and links (default
+    /// `/sys/fs/bpf/meshd/<cluster>`; must be on a mounted bpffs).
+    #[arg(long, env = "MESH_BPF_PIN_DIR")]
+    pub bpf_pin_dir: Option<PathBuf>,
+    /// cgroup v2 directory the socket load balancer attaches to (default: the cgroup2
+    /// mount, i.e. every process of the machine).
+    #[arg(long, env = "MESH_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+}
+
+/// `--datapath` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatapathArg {
+    /// eBPF if possible, else recording.
+    Auto,
+    /// eBPF or fail.
+    Ebpf,
+    /// In-memory maps only: nothing is enforced.
+    Recording,
 }
 
 /// `--peer-access` values.
@@ -106,9 +133,71 @@ pub enum AppError {
     /// The health server failed.
     #[error("health server: {0}")]
     Health(std::io::Error),
+    /// The eBPF datapath could not be opened.
+    #[error("opening the datapath (use --datapath recording to run without one): {0}")]
+    Datapath(#[from] DatapathError),
+}
+
+/// Whether `dir` is on (or would be created on) a mounted bpffs, from `/proc/mounts`.
+fn on_bpffs(dir: &std::path::Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return false;
+    };
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        matches!((f.next(), f.next(), f.next()), (Some(_), Some(m), Some("bpf")) if dir.starts_with(m))
+    })
+}
+
+/// Opens the datapath `--datapath` asks for; the string is why recording runs.
+pub fn open_datapath(
+    choice: DatapathArg,
+    config: AyaConfig,
+) -> Result<(Box<dyn Datapath>, Option<String>), DatapathError> {
+    match choice {
+        DatapathArg::Recording => Ok((
+            Box::new(RecordingDatapath::new()),
+            Some("requested with --datapath recording".into()),
+        )),
+        DatapathArg::Ebpf => Ok((Box::new(AyaDatapath::open(config)?), None)),
+        DatapathArg::Auto if !on_bpffs(&config.pin_dir) => {
+            let reason = format!("no bpffs mounted at {}", config.pin_dir.display());
+            tracing::warn!(
+                reason,
+                "running the RECORDING datapath; no load balancing or policy is enforced"
+            );
+            Ok((Box::new(RecordingDatapath::new()), Some(reason)))
+        }
+        DatapathArg::Auto => {
+            let (dp, why) = crate::datapath::open_or_record(config)?;
+            Ok((dp, why.map(|e| error_chain(&e))))
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 impl Args {
+    /// The datapath configuration these arguments describe.
+    pub fn aya_config(&self, cfg: &AgentConfig) -> AyaConfig {
+        AyaConfig {
+            pin_dir: self.bpf_pin_dir.clone().unwrap_or_else(|| {
+                PathBuf::from("/sys/fs/bpf/meshd").join(cfg.supervisor.local.as_str())
+            }),
+            cgroup: self.cgroup.clone(),
+            socket_lb: true,
+        }
+    }
+
     /// The runtime configuration these arguments describe.
     pub fn agent_config(&self) -> Result<AgentConfig, AppError> {
         let (name, id, mode) = self.cluster.resolve()?;
@@ -147,17 +236,39 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         "mesh-agent starting"
     );
 
+    let (dp, fallback) = open_datapath(args.datapath, args.aya_config(&cfg))?;
+    tracing::info!(datapath = dp.mode().as_str(), fallback = ?fallback, "datapath open");
+
     let metrics = AgentMetrics::default();
+    let dp_metrics = DatapathMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    dp_metrics.register(&mut registry);
     let registry = Arc::new(registry);
     let agent = Agent::start(cfg.clone(), store, metrics.reflector.clone());
     let handles = agent.handles();
-    let api = AgentApi::new(&cfg.supervisor, handles.clone());
+    let syncer = Syncer::new(
+        dp,
+        fallback,
+        Box::new(RouteResolver::new()),
+        SyncConfig::new(cfg.supervisor.local.clone(), cfg.supervisor.mode),
+        dp_metrics,
+    );
+    let dp_handles = syncer.handles();
+    let api = AgentApi::new(&cfg.supervisor, handles.clone()).with_datapath(dp_handles.clone());
 
     // Any server ending stops the others; the agent's supervisors stop alongside.
     let stop = shutdown.child_token();
     let mut parts = Components::new(stop.clone());
+    let (readiness, follow_readiness) = api::readiness(
+        handles.status.clone(),
+        dp_handles.status.clone(),
+        stop.clone(),
+    );
+    parts.spawn(async move {
+        follow_readiness.await;
+        Ok(())
+    });
     parts.spawn({
         let stop = stop.clone();
         async move {
@@ -167,12 +278,20 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         }
     });
     parts.spawn({
-        let (stop, status) = (stop.clone(), handles.status.clone());
+        let stop = stop.clone();
+        let inputs = SyncInputs::from_handles(&handles, None);
+        async move {
+            syncer.run(inputs, stop).await;
+            Ok(())
+        }
+    });
+    parts.spawn({
+        let (stop, status) = (stop.clone(), readiness);
         async move {
             meshd::health::serve_health(
                 health_listener,
                 status,
-                api::not_ready_reason,
+                api::readiness_reason,
                 registry,
                 stop,
             )

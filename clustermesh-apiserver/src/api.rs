@@ -209,6 +209,18 @@ impl ClusterMesh for ClusterMeshApi {
             entries: entries.into_iter().map(|(_, e)| e).collect(),
         }))
     }
+
+    type ObserveDropsStream = futures::stream::Empty<Result<pb::DropEvent, Status>>;
+
+    /// The apiserver has no datapath: drops are observed on agents.
+    async fn observe_drops(
+        &self,
+        _request: Request<pb::ObserveDropsRequest>,
+    ) -> Result<Response<Self::ObserveDropsStream>, Status> {
+        Err(Status::unimplemented(
+            "drops are observed on agents (mesh-agent's gRPC API), not on the apiserver",
+        ))
+    }
 }
 
 /// Validated filters of a list request.

@@ -253,6 +253,11 @@ pub fn endpoint_key(ip: Ipv4Addr) -> u32 {
     be_ip(ip)
 }
 
+/// The address of a `mesh_endpoints` key (or any network-order `u32` address field).
+pub fn endpoint_ip(key: u32) -> Ipv4Addr {
+    ip_of(key)
+}
+
 /// `struct mesh_policy_key`: identity 0, port 0 and protocol 0 are wildcards.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

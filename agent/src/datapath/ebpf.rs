@@ -557,6 +557,10 @@ impl Datapath for AyaDatapath {
         out
     }
 
+    fn drop_events_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(AyaDatapath::drop_events_fd(self))
+    }
+
     fn attach_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
         if self.tc_links.contains_key(ifname) {
             return Ok(());

@@ -1,7 +1,8 @@
 //! The datapath seam: a `Datapath` trait over the eBPF maps, with aya and recording implementations.
 //!
 //! ```text
-//!  syncer (from the merged view; later issue) ──apply(&[Change])──► dyn Datapath
+//!  sync::Syncer (merged view + policy snapshots, iface:: host interfaces)
+//!      ──apply(&[Change]) / attach_interface──► dyn Datapath
 //!      Change ──plan::Planner──► Vec<MapOp> (ordered raw map writes, mesh-ebpf layouts)
 //!          ├─ AyaDatapath: writes the pinned kernel maps (`ebpf` module)
 //!          └─ RecordingDatapath: keeps the same maps in memory (`recording` module)
@@ -11,8 +12,10 @@
 //! exactly what the kernel maps would: unit tests check map contents without root.
 
 mod ebpf;
+pub mod iface;
 pub mod plan;
 mod recording;
+pub mod sync;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -335,6 +338,12 @@ pub trait Datapath: Send + std::fmt::Debug {
 
     /// Drains the drop events queued in the ring buffer.
     fn take_drop_events(&mut self) -> Vec<DropEvent>;
+
+    /// A descriptor that polls readable when drop events are queued (`None`: poll
+    /// `take_drop_events` periodically instead).
+    fn drop_events_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 
     /// Attaches the policy programs to an endpoint's host-side interface (both hooks).
     fn attach_interface(&mut self, ifname: &str) -> Result<(), DatapathError>;

@@ -5,6 +5,7 @@ mod certs;
 mod connect;
 mod diagnose;
 mod etcd_auth;
+mod observe;
 mod output;
 mod status;
 mod up;
@@ -69,6 +70,8 @@ pub enum Command {
     Peers(PeersArgs),
     /// Security identities an agent knows (local and remote), with their labels.
     Identities(IdentitiesArgs),
+    /// Packets an agent's policy programs dropped, with identities, labels and clusters.
+    Observe(observe::ObserveArgs),
     /// Named checks of every cluster (mTLS, certificates, IDs, sync markers, heartbeat,
     /// clocks, peer logins, CIDR overlaps), each with a hint; exit 2 when one fails.
     Diagnose(DiagnoseArgs),
@@ -204,6 +207,7 @@ pub fn run(cli: &Cli, out: &mut impl Write) -> Result<Status, CtlError> {
         Command::Services(args) => status::services(args, out),
         Command::Peers(args) => status::peers(args, out),
         Command::Identities(args) => status::identities(args, out),
+        Command::Observe(args) => observe::observe(args, out),
         Command::Diagnose(args) => diagnose::diagnose(args, out),
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -469,7 +469,13 @@ fn write_component(out: &mut impl Write, what: &str, r: &ComponentReport) -> std
             "UNREACHABLE"
         }
     )?;
-    if !r.datapath.is_empty() {
+    if r.datapath.starts_with("recording") {
+        write!(
+            out,
+            "  datapath {}",
+            warn(&format!("{} — NOTHING ENFORCED", r.datapath.to_uppercase()))
+        )?;
+    } else if !r.datapath.is_empty() {
         write!(out, "  datapath {}", r.datapath)?;
     }
     if !r.version.is_empty() {
