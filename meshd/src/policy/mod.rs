@@ -64,6 +64,8 @@
 
 mod cache;
 mod compile;
+#[cfg(test)]
+mod crd_tests;
 mod engine;
 pub mod reference;
 mod trace;
