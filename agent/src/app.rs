@@ -72,6 +72,19 @@ pub struct Args {
     /// mount, i.e. every process of the machine).
     #[arg(long, env = "MESH_CGROUP")]
     pub cgroup: Option<PathBuf>,
+    /// UDP+TCP address of the `clusterset.local` DNS server (unset: no DNS server).
+    #[arg(long, env = "MESH_DNS_LISTEN")]
+    pub dns_listen: Option<SocketAddr>,
+    /// TTL of DNS answers (and of negative answers), e.g. 5s.
+    #[arg(long, env = "MESH_DNS_TTL", value_parser = parse_duration, default_value = "5s")]
+    pub dns_ttl: Duration,
+    /// Upstream DNS server(s) for names outside `clusterset.local` (`ip:port`, repeat or
+    /// comma-separate); none: such queries are REFUSED.
+    #[arg(long, env = "MESH_DNS_UPSTREAM", value_delimiter = ',')]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// Most addresses in the answer for a headless service name.
+    #[arg(long, env = "MESH_DNS_MAX_HEADLESS_ANSWERS", default_value_t = 64)]
+    pub dns_max_headless_answers: usize,
 }
 
 /// `--datapath` values.
@@ -136,17 +149,14 @@ pub enum AppError {
     /// The eBPF datapath could not be opened.
     #[error("opening the datapath (use --datapath recording to run without one): {0}")]
     Datapath(#[from] DatapathError),
+    /// The DNS server failed.
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 /// Whether `dir` is on (or would be created on) a mounted bpffs, from `/proc/mounts`.
 fn on_bpffs(dir: &std::path::Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
-        return false;
-    };
-    mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        matches!((f.next(), f.next(), f.next()), (Some(_), Some(m), Some("bpf")) if dir.starts_with(m))
-    })
+    meshd::mounts::is_on(dir, "bpf")
 }
 
 /// Opens the datapath `--datapath` asks for; the string is why recording runs.
@@ -241,9 +251,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
 
     let metrics = AgentMetrics::default();
     let dp_metrics = DatapathMetrics::default();
+    let dns_metrics = crate::dns::DnsMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     dp_metrics.register(&mut registry);
+    dns_metrics.register(&mut registry);
     let registry = Arc::new(registry);
     let agent = Agent::start(cfg.clone(), store, metrics.reflector.clone());
     let handles = agent.handles();
@@ -306,6 +318,18 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             Ok(())
         }
     });
+    if let Some(listen) = args.dns_listen {
+        let mut dcfg = crate::dns::DnsConfig::new(listen);
+        dcfg.ttl = u32::try_from(args.dns_ttl.as_secs()).unwrap_or(u32::MAX);
+        dcfg.upstreams.clone_from(&args.dns_upstream);
+        dcfg.max_headless_answers = args.dns_max_headless_answers;
+        let (stop, services) = (stop.clone(), handles.services.clone());
+        parts.spawn(async move {
+            crate::dns::serve(dcfg, services, dns_metrics, None, stop)
+                .await
+                .map_err(AppError::from)
+        });
+    }
     let servers = parts.join();
     let agent = async {
         stop.cancelled().await;

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod app;
 pub mod datapath;
+pub mod dns;
 pub mod metrics;
 pub mod runtime;
 pub mod view;

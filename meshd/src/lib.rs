@@ -31,6 +31,7 @@ pub mod keys;
 pub mod kv;
 pub mod metrics;
 pub mod model;
+pub mod mounts;
 pub mod peers;
 pub mod policy;
 pub mod process;

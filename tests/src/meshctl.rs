@@ -108,7 +108,8 @@ pub struct MeshGuard {
 impl Drop for MeshGuard {
     fn drop(&mut self) {
         let dir = self.dir.path().to_owned();
-        let recorded = read_state(&dir).map(|s| pids(&s)).unwrap_or_default();
+        let state = read_state(&dir);
+        let recorded = state.as_ref().map(pids).unwrap_or_default();
         if dir.join("state.json").exists() {
             let _ = meshctl(&["down", "--purge"], &dir);
         }
@@ -121,6 +122,26 @@ impl Drop for MeshGuard {
             if let Ok(p) = i32::try_from(pid) {
                 let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
             }
+        }
+        // Last resort for the eBPF datapath `up` set up: its bpffs mount and cgroups.
+        let bpffs = dir.join("bpffs");
+        if std::fs::read_to_string("/proc/mounts")
+            .is_ok_and(|m| m.contains(&format!(" {} bpf ", bpffs.display())))
+        {
+            let _ = Command::new("umount").arg(&bpffs).status();
+        }
+        if let Some(root) = state
+            .as_ref()
+            .and_then(|s| s["cgroupRoot"].as_str().map(PathBuf::from))
+        {
+            if let Ok(rd) = std::fs::read_dir(&root) {
+                for e in rd.flatten() {
+                    if e.path().is_dir() {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(&root);
         }
     }
 }

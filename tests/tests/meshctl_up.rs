@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use mesh_tests::meshctl::{
-    MeshGuard, alive, examples_dir, meshctl, pids, procs_with, read_state, text,
+    MeshGuard, alive, examples_dir, meshctl, meshctl_env, pids, procs_with, read_state, text,
 };
 
 fn readyz(port: u16) -> Option<u16> {
@@ -61,6 +61,60 @@ fn up_is_ready_idempotent_and_down_leaves_nothing() {
     assert!(dir.join("east/peers/west.kubeconfig").exists());
     assert!(dir.join("west/peers/east.kubeconfig").exists());
 
+    // The datapath: real eBPF as root (a bpffs and one cgroup per cluster, both recorded
+    // for `down`), recording otherwise — and `status` says which.
+    let root = nix::unistd::geteuid().is_root();
+    let st = meshctl(&["status"], &dir);
+    let st_out = String::from_utf8_lossy(&st.stdout);
+    let cgroups: Vec<std::path::PathBuf> = clusters
+        .iter()
+        .filter_map(|c| c["cgroup"].as_str().map(std::path::PathBuf::from))
+        .collect();
+    let bpffs = state["bpffsMount"].as_str().map(std::path::PathBuf::from);
+    if root {
+        assert_eq!(state["datapath"], "ebpf", "{state:#}");
+        assert_eq!(cgroups.len(), 2, "{state:#}");
+        assert!(cgroups.iter().all(|c| c.is_dir()));
+        assert!(
+            st_out.matches("datapath ebpf").count() == 2,
+            "{}",
+            text(&st)
+        );
+        // A process run with `meshctl exec` lands in the cluster's cgroup.
+        let ex = meshctl_env(
+            &[
+                "exec",
+                "east",
+                "--state-dir",
+                dir.to_str().expect("utf-8"),
+                "--",
+                "cat",
+                "/proc/self/cgroup",
+            ],
+            &[],
+        );
+        let cg_name = cgroups[0]
+            .strip_prefix(cgroups[0].ancestors().nth(2).expect("cgroup root"))
+            .expect("relative cgroup")
+            .display()
+            .to_string();
+        assert!(
+            String::from_utf8_lossy(&ex.stdout).contains(&cg_name),
+            "{cg_name}: {}",
+            text(&ex)
+        );
+    } else {
+        eprintln!("not root: checking the recording datapath only");
+        assert!(
+            state["datapath"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("recording"),
+            "{state:#}"
+        );
+        assert!(st_out.contains("RECORDING"), "{}", text(&st));
+    }
+
     // Idempotent: already up, nothing new started.
     let again = meshctl(&["up", "--clusters", "2", "--examples", examples], &dir);
     assert!(
@@ -96,6 +150,17 @@ fn up_is_ready_idempotent_and_down_leaves_nothing() {
         assert!(left.is_empty(), "{bin} still running after down: {left:?}");
     }
     assert!(!dir.join("state.json").exists(), "down --purge kept state");
+    for cg in &cgroups {
+        assert!(!cg.exists(), "down left cgroup {}", cg.display());
+    }
+    if let Some(m) = &bpffs {
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+        assert!(
+            !mounts.contains(&m.display().to_string()),
+            "down left the bpffs mounted at {}",
+            m.display()
+        );
+    }
 }
 
 #[test]

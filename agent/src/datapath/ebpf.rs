@@ -46,21 +46,10 @@ impl Default for AyaConfig {
 /// The cgroup2 mount point, from `/proc/mounts` (`/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones).
 pub fn cgroup2_mount() -> Result<PathBuf, DatapathError> {
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| DatapathError::Io {
-        what: "reading /proc/mounts".into(),
-        source,
-    })?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .ok_or_else(|| DatapathError::Io {
-            what: "finding the cgroup2 mount".into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup2 in /proc/mounts"),
-        })
+    meshd::mounts::mount_point("cgroup2").ok_or_else(|| DatapathError::Io {
+        what: "finding the cgroup2 mount".into(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup2 in /proc/mounts"),
+    })
 }
 
 /// The real datapath.

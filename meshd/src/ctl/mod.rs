@@ -20,7 +20,7 @@ pub use connect::{ConnectArgs, DisconnectArgs};
 pub use diagnose::DiagnoseArgs;
 pub use output::OutputFormat;
 pub use status::{IdentitiesArgs, PeersArgs, ServicesArgs, StatusArgs};
-pub use up::{ClusterState, DownArgs, MeshState, ProcState, UpArgs};
+pub use up::{ClusterState, DownArgs, ExecArgs, MeshState, ProcState, UpArgs, UpDatapath};
 
 /// meshctl: run and inspect a meshd mesh.
 #[derive(Debug, Parser)]
@@ -52,6 +52,8 @@ pub enum Command {
     Up(UpArgs),
     /// Stop everything `meshctl up` started (exactly the recorded processes).
     Down(DownArgs),
+    /// Run a command in a `meshctl up` cluster's cgroup (its agent's socket load balancing).
+    Exec(ExecArgs),
     /// Peer two clusters: etcd users and client certificates both ways, peer kubeconfigs.
     Connect(ConnectArgs),
     /// Unpeer two clusters: remove both peer kubeconfigs, revoke both etcd users.
@@ -96,6 +98,8 @@ pub enum Status {
     /// The command ran, but found problems, e.g. expired or unverifiable certificates
     /// (exit code [`Status::PROBLEMS_EXIT_CODE`]).
     Problems,
+    /// Pass on a child's exit code (`meshctl exec`).
+    Exit(u8),
 }
 
 impl Status {
@@ -107,6 +111,7 @@ impl Status {
         match self {
             Status::Ok => 0,
             Status::Problems => Self::PROBLEMS_EXIT_CODE,
+            Status::Exit(code) => code,
         }
     }
 }
@@ -200,6 +205,7 @@ pub fn run(cli: &Cli, out: &mut impl Write) -> Result<Status, CtlError> {
     match &cli.command {
         Command::Up(args) => up::up(args, out),
         Command::Down(args) => up::down(args, out),
+        Command::Exec(args) => up::exec(args, out),
         Command::Connect(args) => connect::connect(args, out),
         Command::Disconnect(args) => connect::disconnect(args, out),
         Command::Certs { command } => certs::run(command, out),

@@ -57,6 +57,22 @@ pub struct UpArgs {
     /// On failure, leave what was started running (for debugging) instead of stopping it.
     #[arg(long)]
     pub keep_on_failure: bool,
+    /// The agents' datapath: `auto` (eBPF when run as root: a bpffs and one cgroup per
+    /// cluster for its socket load balancer; recording otherwise, said loudly), `ebpf`
+    /// (fail without it) or `recording` (enforce nothing).
+    #[arg(long, value_enum, default_value_t = UpDatapath::Auto)]
+    pub datapath: UpDatapath,
+}
+
+/// `meshctl up --datapath` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpDatapath {
+    /// eBPF as root, else recording.
+    Auto,
+    /// eBPF or fail.
+    Ebpf,
+    /// Recording only.
+    Recording,
 }
 
 /// Arguments of `meshctl down`.
@@ -104,6 +120,16 @@ pub struct ClusterState {
     pub agent_grpc_port: u16,
     /// agent health port (plain HTTP `/readyz`).
     pub agent_health_port: u16,
+    /// agent DNS port (UDP and TCP, `clusterset.local`); 0 in states of older versions.
+    #[serde(default)]
+    pub dns_port: u16,
+    /// The agent's bpffs pin directory (eBPF datapath only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_dir: Option<PathBuf>,
+    /// The cgroup the agent's socket load balancer serves (eBPF datapath only); clients run
+    /// in it with `meshctl exec <cluster> -- …`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
     /// The processes, in start order.
     pub processes: Vec<ProcState>,
 }
@@ -116,6 +142,18 @@ pub struct MeshState {
     pub state_dir: PathBuf,
     /// The clusters.
     pub clusters: Vec<ClusterState>,
+    /// The agents' datapath: `ebpf`, or `recording (<why>)`.
+    #[serde(default)]
+    pub datapath: String,
+    /// A bpffs `up` mounted (unmounted by `down`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpffs_mount: Option<PathBuf>,
+    /// Directory holding every agent's pin directory (removed by `down`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_root: Option<PathBuf>,
+    /// The cgroup holding every cluster's cgroup (removed by `down`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl MeshState {
@@ -469,12 +507,12 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
         plans.push(plan);
     }
 
-    let ports = free_ports(6 * n)?;
+    let ports = free_ports(7 * n)?;
     let mut state = MeshState {
         state_dir: state_dir.clone(),
         clusters: plans
             .iter()
-            .zip(ports.chunks(6))
+            .zip(ports.chunks(7))
             .map(|(p, pt)| ClusterState {
                 name: p.name.to_string(),
                 id: p.id,
@@ -484,15 +522,28 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
                 apiserver_health_port: pt[3],
                 agent_grpc_port: pt[4],
                 agent_health_port: pt[5],
+                dns_port: pt[6],
+                pin_dir: None,
+                cgroup: None,
                 processes: Vec::new(),
             })
             .collect(),
+        datapath: String::new(),
+        bpffs_mount: None,
+        pin_root: None,
+        cgroup_root: None,
     };
     // Bad manifests stop `up` before anything runs.
     if let Err(e) = check_manifests(&plans, &state, &apiserver_bin) {
         for p in &plans {
             let _ = std::fs::remove_dir_all(&p.dir);
         }
+        let _ = std::fs::remove_file(state_dir.join(STATE_FILE));
+        return Err(e);
+    }
+    state.save()?;
+    if let Err(e) = setup_datapath(args.datapath, &mut state, out) {
+        teardown_datapath(&state, out);
         let _ = std::fs::remove_file(state_dir.join(STATE_FILE));
         return Err(e);
     }
@@ -532,6 +583,7 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
             // Nothing half-done: stop what was started; keep the logs for the post-mortem.
             let (stopped, _) = stop_recorded(&state, &state_dir, out)?;
             drop(children);
+            teardown_datapath(&state, out);
             std::fs::remove_file(state_dir.join(STATE_FILE))?;
             writeln!(
                 out,
@@ -721,8 +773,149 @@ fn agent_args(p: &Plan, cs: &ClusterState) -> Vec<String> {
         format!("127.0.0.1:{}", cs.agent_grpc_port),
         "--health-listen".into(),
         format!("127.0.0.1:{}", cs.agent_health_port),
+        "--dns-listen".into(),
+        format!("127.0.0.1:{}", cs.dns_port),
     ]);
+    match (&cs.pin_dir, &cs.cgroup) {
+        (Some(pin), Some(cg)) => a.extend([
+            "--datapath".into(),
+            "ebpf".into(),
+            "--bpf-pin-dir".into(),
+            pin.display().to_string(),
+            "--cgroup".into(),
+            cg.display().to_string(),
+        ]),
+        _ => a.extend(["--datapath".into(), "recording".into()]),
+    }
     a
+}
+
+/// A short stable tag of the state directory, naming its cgroup and pin directories.
+fn state_tag(state_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    state_dir.hash(&mut h);
+    format!("{:08x}", h.finish() & 0xffff_ffff)
+}
+
+/// Prepares the eBPF datapath when asked and possible: a bpffs (the host's at /sys/fs/bpf,
+/// else one mounted in the state directory) and a cgroup per cluster under the cgroup2
+/// mount. Records everything in `state` for `down`.
+fn setup_datapath(
+    choice: UpDatapath,
+    state: &mut MeshState,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    let recording = |state: &mut MeshState, why: String| {
+        state.datapath = format!("recording ({why})");
+    };
+    if choice == UpDatapath::Recording {
+        recording(state, "--datapath recording".into());
+        return Ok(());
+    }
+    let prepared = (|| -> Result<(), String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("not root: eBPF needs CAP_BPF and CAP_NET_ADMIN".into());
+        }
+        let cg2 =
+            crate::mounts::mount_point("cgroup2").ok_or("no cgroup2 mount in /proc/mounts")?;
+        let tag = state_tag(&state.state_dir);
+        let host_bpffs = Path::new("/sys/fs/bpf");
+        let pin_root = if crate::mounts::is_mount_point(host_bpffs, "bpf") {
+            host_bpffs.join("meshd-up").join(&tag)
+        } else {
+            let dir = state.state_dir.join("bpffs");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            let o = Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&dir)
+                .output()
+                .map_err(|e| format!("running mount: {e}"))?;
+            if !o.status.success() {
+                return Err(format!(
+                    "mounting a bpffs at {}: {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
+            }
+            state.bpffs_mount = Some(dir.clone());
+            dir.join("meshd")
+        };
+        state.pin_root = Some(pin_root.clone());
+        let cg_root = cg2.join(format!("meshd-up-{tag}"));
+        state.cgroup_root = Some(cg_root.clone());
+        for c in &mut state.clusters {
+            let cg = cg_root.join(&c.name);
+            std::fs::create_dir_all(&cg)
+                .map_err(|e| format!("creating cgroup {}: {e}", cg.display()))?;
+            c.cgroup = Some(cg);
+            c.pin_dir = Some(pin_root.join(&c.name));
+        }
+        state.datapath = "ebpf".into();
+        Ok(())
+    })();
+    match (prepared, choice) {
+        (Ok(()), _) => Ok(()),
+        (Err(why), UpDatapath::Ebpf) => Err(fail(format!("--datapath ebpf: {why}"))),
+        (Err(why), _) => {
+            teardown_datapath(state, out);
+            for c in &mut state.clusters {
+                c.cgroup = None;
+                c.pin_dir = None;
+            }
+            recording(state, why);
+            Ok(())
+        }
+    }
+}
+
+/// Undoes [`setup_datapath`] once the agents are stopped: unpins every map and link
+/// (detaching the programs), removes the cgroups, unmounts a bpffs `up` mounted.
+fn teardown_datapath(st: &MeshState, out: &mut impl Write) {
+    if let Some(pins) = &st.pin_root
+        && pins.exists()
+        && let Err(e) = std::fs::remove_dir_all(pins)
+    {
+        let _ = writeln!(out, "removing pinned BPF objects {}: {e}", pins.display());
+    }
+    if let Some(root) = &st.cgroup_root {
+        for c in &st.clusters {
+            if let Some(cg) = &c.cgroup
+                && cg.exists()
+                && let Err(e) = std::fs::remove_dir(cg)
+            {
+                let _ = writeln!(
+                    out,
+                    "removing cgroup {}: {e} (processes still in it?)",
+                    cg.display()
+                );
+            }
+        }
+        if root.exists() {
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+    if let Some(mnt) = &st.bpffs_mount
+        && crate::mounts::is_mount_point(mnt, "bpf")
+    {
+        match Command::new("umount").arg(mnt).output() {
+            Ok(o) if o.status.success() => {
+                let _ = std::fs::remove_dir(mnt);
+            }
+            Ok(o) => {
+                let _ = writeln!(
+                    out,
+                    "unmounting {}: {}",
+                    mnt.display(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "running umount {}: {e}", mnt.display());
+            }
+        }
+    }
 }
 
 /// Runs `clustermesh-apiserver --check` on every cluster's manifests before anything starts.
@@ -896,9 +1089,17 @@ fn print_summary(st: &MeshState, out: &mut impl Write) -> Result<(), CtlError> {
         )?;
         writeln!(
             out,
-            "  agent      grpc 127.0.0.1:{}  health http://127.0.0.1:{}/readyz",
-            c.agent_grpc_port, c.agent_health_port
+            "  agent      grpc 127.0.0.1:{}  health http://127.0.0.1:{}/readyz  dns 127.0.0.1:{}",
+            c.agent_grpc_port, c.agent_health_port, c.dns_port
         )?;
+        if let Some(cg) = &c.cgroup {
+            writeln!(
+                out,
+                "  cgroup     {} (socket load balancing for `meshctl exec {}`)",
+                cg.display(),
+                c.name
+            )?;
+        }
         for p in &c.processes {
             writeln!(
                 out,
@@ -917,8 +1118,39 @@ fn print_summary(st: &MeshState, out: &mut impl Write) -> Result<(), CtlError> {
         "admin kubeconfig: {}",
         st.state_dir.join(KUBECONFIG_FILE).display()
     )?;
+    if st.datapath == "ebpf" {
+        writeln!(
+            out,
+            "datapath: {} (pinned under {}; programs attached to each cluster's cgroup)",
+            super::output::good("eBPF"),
+            st.pin_root.as_deref().unwrap_or(Path::new("?")).display()
+        )?;
+    } else if !st.datapath.is_empty() {
+        writeln!(
+            out,
+            "datapath: {} — nothing is enforced or load-balanced in the kernel",
+            super::output::warn(&format!(
+                "RECORDING {}",
+                st.datapath.trim_start_matches("recording ")
+            ))
+        )?;
+    }
     writeln!(out, "try:")?;
     writeln!(out, "  meshctl status --state-dir {dir}")?;
+    if let Some(c) = st.clusters.first()
+        && c.dns_port != 0
+    {
+        writeln!(
+            out,
+            "  dig @127.0.0.1 -p {} web.shop.svc.clusterset.local     # DNS of {}'s agent",
+            c.dns_port, c.name
+        )?;
+        writeln!(
+            out,
+            "  meshctl exec {} --state-dir {dir} -- sh   # connect() to service VIPs is translated by {}'s agent",
+            c.name, c.name
+        )?;
+    }
     writeln!(out, "  meshctl services --state-dir {dir}")?;
     writeln!(
         out,
@@ -954,6 +1186,7 @@ pub(super) fn down(args: &DownArgs, out: &mut impl Write) -> Result<Status, CtlE
         "stopped {stopped} process(es) ({killed} killed) recorded in {}",
         state_dir.join(STATE_FILE).display()
     )?;
+    teardown_datapath(&st, out);
     if args.purge {
         // Give killed processes a moment to go, then remove everything.
         std::thread::sleep(Duration::from_millis(if killed > 0 { 500 } else { 0 }));
@@ -1008,4 +1241,86 @@ fn stop_recorded(
         }
     }
     Ok((stopping.len(), killed))
+}
+
+/// Arguments of `meshctl exec`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:
+  meshctl exec east -- sh
+  meshctl exec west --state-dir /tmp/mesh -- python3 client.py")]
+pub struct ExecArgs {
+    /// The cluster whose cgroup the command runs in.
+    pub cluster: String,
+    /// The state directory given to `meshctl up`.
+    #[arg(long, default_value = ".meshd")]
+    pub state_dir: PathBuf,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// `meshctl exec`: runs a command inside a cluster's cgroup, so that its agent's socket
+/// load balancer translates its connections to ClusterIPs and ClusterSetIPs.
+pub(super) fn exec(args: &ExecArgs, out: &mut impl Write) -> Result<Status, CtlError> {
+    let state_dir = absolute(&args.state_dir)?;
+    let st = MeshState::load(&state_dir)?.ok_or_else(|| {
+        fail(format!(
+            "no mesh recorded in {} (no {STATE_FILE}); start one with `meshctl up`",
+            state_dir.display()
+        ))
+    })?;
+    let c = st
+        .clusters
+        .iter()
+        .find(|c| c.name == args.cluster)
+        .ok_or_else(|| CtlError::InvalidArg {
+            flag: "CLUSTER",
+            value: args.cluster.clone(),
+            reason: format!(
+                "not a cluster of the mesh in {} ({})",
+                state_dir.display(),
+                st.clusters
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+    let (program, rest) = args
+        .command
+        .split_first()
+        .ok_or_else(|| fail("no command given after --"))?;
+    let status = match &c.cgroup {
+        Some(cg) => {
+            // The shell moves itself into the cgroup, then becomes the command.
+            Command::new("sh")
+                .arg("-c")
+                .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+                .arg(cg)
+                .arg(program)
+                .args(rest)
+                .status()
+        }
+        None => {
+            writeln!(
+                out,
+                "meshctl: the datapath of {} is {}; running without socket load balancing",
+                c.name,
+                if st.datapath.is_empty() {
+                    "unknown"
+                } else {
+                    &st.datapath
+                }
+            )?;
+            out.flush()?;
+            Command::new(program).args(rest).status()
+        }
+    }
+    .map_err(|e| fail(format!("running {program}: {e}")))?;
+    Ok(Status::Exit(
+        status
+            .code()
+            .and_then(|c| u8::try_from(c).ok())
+            .unwrap_or(1),
+    ))
 }
