@@ -1,6 +1,7 @@
-//! Property: after any sequence of identity, policy and endpoint adds/removes, the
-//! incremental engine's state — and the state obtained by applying its diffs — equals a
-//! from-scratch computation (`meshd::policy::reference::compute`).
+//! Property: after any sequence of identity, policy and endpoint adds/removes (and identity
+//! relists), the incremental engine's state — and the state obtained by applying only its
+//! diffs, endpoint removals and moves included — equals a from-scratch computation
+//! (`meshd::policy::reference::compute`).
 
 use std::collections::BTreeMap;
 
@@ -47,6 +48,8 @@ enum Op {
     RemovePolicy(String, String),
     UpsertEndpoint(u32, u32),
     RemoveEndpoint(u32),
+    /// Replace the whole identity table (a relist).
+    SyncIdentities(Vec<(u32, Labels)>),
 }
 
 fn labels() -> impl Strategy<Value = Labels> {
@@ -139,6 +142,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3usize, 0..NAMESPACES.len()).prop_map(|(n, ns)| Op::RemovePolicy(NAMESPACES[ns].into(), format!("p{n}"))),
         2 => (0..5u32, 0..8u32).prop_map(|(e, i)| Op::UpsertEndpoint(e, i)),
         1 => (0..5u32).prop_map(Op::RemoveEndpoint),
+        1 => proptest::collection::vec((0..8u32, labels()), 0..6).prop_map(Op::SyncIdentities),
     ]
 }
 
@@ -182,10 +186,11 @@ proptest! {
                 }
                 Op::UpsertEndpoint(e, i) => {
                     engine.upsert_endpoint(EndpointId(e), ident(i));
-                    if endpoints.insert(EndpointId(e), ident(i)).is_some_and(|old| old != ident(i)) {
-                        // Moved: the datapath replaces the endpoint (flags come again).
-                        applied.forget_endpoint(EndpointId(e));
-                    }
+                    endpoints.insert(EndpointId(e), ident(i));
+                }
+                Op::SyncIdentities(ids) => {
+                    identities = ids.into_iter().map(|(i, l)| (ident(i), l)).collect();
+                    engine.sync_identities(identities.iter().map(|(i, l)| (*i, l)));
                 }
                 Op::RemoveEndpoint(e) => {
                     prop_assert_eq!(engine.remove_endpoint(EndpointId(e)), endpoints.remove(&EndpointId(e)).is_some());
@@ -198,11 +203,6 @@ proptest! {
                     return Err(TestCaseError::fail(format!("step {step} {op:?}: {e}")));
                 }
                 diffs.clear();
-                for ep in applied.enforcement.keys().copied().collect::<Vec<_>>() {
-                    if !endpoints.contains_key(&ep) {
-                        applied.forget_endpoint(ep);
-                    }
-                }
                 let pol: Vec<MeshNetworkPolicy> = policies.values().cloned().collect();
                 let want = compute(&local, &identities, &pol, &endpoints);
                 prop_assert_eq!(&engine.state(), &want, "engine state after step {} {:?}", step, op);

@@ -608,7 +608,8 @@ impl PolicyEngine {
         }
     }
 
-    /// Forgets a local endpoint, revoking its entries; false if it was unknown.
+    /// Forgets a local endpoint: revokes its entries and, if it was enforcing, clears its
+    /// flags (`Enforcement { false, false }`); false if it was unknown.
     pub fn remove_endpoint(&mut self, endpoint: EndpointId) -> bool {
         let Some(identity) = self.out.endpoints.remove(&endpoint) else {
             return false;
@@ -621,6 +622,14 @@ impl PolicyEngine {
             self.out
                 .out
                 .push(PolicyDiff::Revoke(unpack(endpoint, *key)));
+        }
+        if subj.flags() != (false, false) {
+            // Cleared explicitly, so a move to another identity never leaves stale flags.
+            self.out.out.push(PolicyDiff::Enforcement {
+                endpoint,
+                ingress: false,
+                egress: false,
+            });
         }
         subj.endpoints.retain(|e| *e != endpoint);
         if subj.endpoints.is_empty()

@@ -60,7 +60,8 @@
 //! make one entry) and fanned out to every endpoint with that identity; only net changes
 //! leave the engine. [`PolicyDiff::Enforcement`] carries the endpoint's default-deny flags
 //! (the datapath's `Endpoint::{enforce_ingress, enforce_egress}`); a new endpoint starts at
-//! `(false, false)` and gets a diff only when that differs.
+//! `(false, false)` and gets a diff only when that differs; a removed (or moved) endpoint
+//! gets a `Revoke` per entry and, if it was enforcing, `Enforcement { false, false }`.
 
 mod cache;
 mod compile;
