@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use meshd::args::{ClusterArgs, EtcdArgs, parse_duration};
+use meshd::args::{EtcdArgs, parse_duration};
 use meshd::kv::{EtcdStore, KvStore};
+use meshd::model::{ClusterId, ClusterName, MaxConnectedClusters};
 use meshd::process::{Components, bind};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -17,7 +18,35 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ClusterMeshApi};
 use crate::export::{self, ExportConfig, ExportMetrics, ExportStatus};
 use crate::health;
+use crate::source::Source;
+use crate::source::kube::{KubeSource, KubeSourceConfig};
 use crate::source::manifest::ManifestSource;
+
+/// Where the cluster's objects come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// A directory of manifests (`--manifests`), watched for changes (standalone mode).
+    Manifests,
+    /// The cluster's Kubernetes API (`--kubeconfig`, default in-cluster).
+    Kubernetes,
+}
+
+/// Which cluster this is. Like `meshd::args::ClusterArgs`, except that in Kubernetes mode
+/// the name may come from the KEP-2149 `ClusterProperty` instead.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiserverClusterArgs {
+    /// Name of this cluster (RFC 1123 label, at most 32 characters). With `--source
+    /// kubernetes` it defaults to the ClusterProperty `cluster.clusterset.k8s.io` (else
+    /// `id.k8s.io`).
+    #[arg(long, env = "MESH_CLUSTER_NAME")]
+    pub cluster_name: Option<ClusterName>,
+    /// Numeric ID of this cluster (1-255, or 1-511 with --max-connected-clusters 511).
+    #[arg(long, env = "MESH_CLUSTER_ID")]
+    pub cluster_id: u32,
+    /// Mesh size: 255 or 511. Every cluster of a mesh must use the same value.
+    #[arg(long, env = "MESH_MAX_CONNECTED_CLUSTERS", default_value_t = 255)]
+    pub max_connected_clusters: u32,
+}
 
 /// clustermesh-apiserver: exports this cluster's identities, endpoints, nodes and services
 /// into its etcd, where peers read them over mTLS.
@@ -26,13 +55,36 @@ use crate::source::manifest::ManifestSource;
 pub struct Args {
     /// This cluster.
     #[command(flatten)]
-    pub cluster: ClusterArgs,
+    pub cluster: ApiserverClusterArgs,
     /// This cluster's etcd (client certificate of user `apiserver-<cluster>`).
     #[command(flatten)]
     pub etcd: EtcdArgs,
-    /// Directory of Kubernetes manifests to export (standalone mode), watched for changes.
+    /// Where the cluster's objects come from.
+    #[arg(long, env = "MESH_SOURCE", value_enum, default_value = "manifests")]
+    pub source: SourceKind,
+    /// Directory of Kubernetes manifests to export (`--source manifests`), watched for
+    /// changes.
     #[arg(long, env = "MESH_MANIFESTS")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig of the cluster's API server (`--source kubernetes`, and peer Secrets);
+    /// default: the in-cluster service account. `$KUBECONFIG` is not read.
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context of --kubeconfig (default: its current context).
+    #[arg(long, env = "MESH_KUBE_CONTEXT", requires = "kubeconfig")]
+    pub kube_context: Option<String>,
+    /// Namespace whose Secrets `meshd-peer-<remote>` (label meshd.io/peer=true, key
+    /// kubeconfig) name the peers (Kubernetes mode); replaces --peers-dir.
+    #[arg(
+        long,
+        env = "MESH_PEER_SECRETS_NAMESPACE",
+        conflicts_with = "peers_dir"
+    )]
+    pub peer_secrets_namespace: Option<String>,
+    /// Write MCS status back (`--source kubernetes`): ServiceExport conditions and a
+    /// ServiceImport per global service in each namespace that exists.
+    #[arg(long, env = "MESH_MCS_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub mcs_status: bool,
     /// Name of this replica (identity references are per replica).
     #[arg(long, env = "MESH_REPLICA", default_value = "apiserver-0")]
     pub replica: String,
@@ -111,6 +163,15 @@ pub enum AppError {
     /// ClusterSetIP allocation failed for good.
     #[error(transparent)]
     ClusterSet(#[from] crate::clusterset::ClusterSetError),
+    /// The Kubernetes API could not be used.
+    #[error(transparent)]
+    Kube(#[from] meshd::kube::KubeError),
+    /// The cluster name could not be read from the ClusterProperty.
+    #[error(transparent)]
+    ClusterProperty(#[from] crate::source::kube::cluster::ClusterPropertyError),
+    /// A required setting is missing.
+    #[error("{0}")]
+    Missing(String),
     /// `--check` found bad manifests.
     #[error("{} problem(s) in the manifests under {}:\n{}", .problems.len(), .dir.display(), .problems.join("\n"))]
     Manifests {
@@ -136,9 +197,20 @@ pub fn check_manifests(dir: &std::path::Path) -> Result<usize, AppError> {
 }
 
 impl Args {
-    /// The export configuration these arguments describe.
+    /// The export configuration these arguments describe (the cluster name must be given).
     pub fn export_config(&self) -> Result<ExportConfig, AppError> {
-        let (name, id, mode) = self.cluster.resolve()?;
+        let name = self.cluster.cluster_name.clone().ok_or_else(|| {
+            AppError::Missing(
+                "--cluster-name is required (with --source kubernetes it may come from the ClusterProperty cluster.clusterset.k8s.io)".into(),
+            )
+        })?;
+        self.export_config_for(name)
+    }
+
+    /// The export configuration for cluster `name`.
+    pub fn export_config_for(&self, name: ClusterName) -> Result<ExportConfig, AppError> {
+        let mode = MaxConnectedClusters::from_u32(self.cluster.max_connected_clusters)?;
+        let id = ClusterId::new(self.cluster.cluster_id, mode)?;
         let mut cfg = ExportConfig::new(name, id, mode);
         cfg.replica.clone_from(&self.replica);
         cfg.heartbeat_interval = self.heartbeat_interval;
@@ -151,7 +223,48 @@ impl Args {
 
 /// Runs until `shutdown` is cancelled (or a component fails), then shuts down gracefully.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError> {
-    let cfg = args.export_config()?;
+    let kube = if args.source == SourceKind::Kubernetes || args.peer_secrets_namespace.is_some() {
+        Some(
+            meshd::kube::client_from_kubeconfig(
+                args.kubeconfig.as_deref(),
+                args.kube_context.as_deref(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let cfg = match (&args.cluster.cluster_name, &kube) {
+        (Some(name), _) => args.export_config_for(name.clone())?,
+        (None, Some(client)) if args.source == SourceKind::Kubernetes => {
+            match crate::source::kube::cluster::cluster_name(client).await? {
+                Some((property, name)) => {
+                    tracing::info!(%name, property, "cluster name from ClusterProperty");
+                    args.export_config_for(name)?
+                }
+                None => {
+                    return Err(AppError::Missing(
+                        "no --cluster-name and no ClusterProperty cluster.clusterset.k8s.io or id.k8s.io".into(),
+                    ));
+                }
+            }
+        }
+        (None, _) => args.export_config()?,
+    };
+    let source: Box<dyn Source> = match (args.source, &args.manifests, &kube) {
+        (SourceKind::Manifests, Some(dir), _) => Box::new(ManifestSource::new(dir.clone())),
+        (SourceKind::Manifests, None, _) => {
+            return Err(AppError::Missing(
+                "--manifests is required with --source manifests".into(),
+            ));
+        }
+        (SourceKind::Kubernetes, _, Some(client)) => {
+            Box::new(KubeSource::new(client.clone(), KubeSourceConfig::default()))
+        }
+        (SourceKind::Kubernetes, _, None) => {
+            return Err(AppError::Missing("no Kubernetes client".into()));
+        }
+    };
     let store: Arc<dyn KvStore> = Arc::new(EtcdStore::connect(&args.etcd.load()?).await?);
     let client_ca = std::fs::read_to_string(&args.grpc_client_ca).map_err(|source| {
         meshd::args::ArgFileError {
@@ -168,7 +281,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         id = %cfg.cluster_id,
         grpc = %args.grpc_listen,
         health = %args.health_listen,
-        manifests = %args.manifests.display(),
+        source = ?args.source,
         "clustermesh-apiserver starting"
     );
 
@@ -207,19 +320,30 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
                 .map_err(AppError::Health)
         }
     });
-    if let (Some(peers_dir), true) = (args.peers_dir.clone(), args.kvstoremesh) {
+    let peer_events = match (&args.peer_secrets_namespace, &kube, &args.peers_dir) {
+        (Some(ns), Some(client), _) => Some(
+            meshd::kube::PeerSecretWatcher::new(client.clone(), ns.clone())
+                .with_events("clustermesh-apiserver", Some(args.replica.clone()))
+                .run(stop.child_token()),
+        ),
+        (None, _, Some(dir)) => {
+            Some(meshd::peers::PeerDirWatcher::new(dir.clone()).run(stop.child_token()))
+        }
+        _ => None,
+    };
+    if let (Some(peers), true) = (peer_events, args.kvstoremesh) {
         let mut supervisor =
             meshd::remote::SupervisorConfig::new(cfg.cluster.clone(), cfg.cluster_id, cfg.mode);
         supervisor.cache_ttl = args.remote_cache_ttl;
         let kcfg = crate::kvstoremesh::KvStoreMeshConfig {
             supervisor,
-            peers_dir,
+            peers_dir: args.peers_dir.clone().unwrap_or_default(),
             heartbeat_mirror: Duration::from_secs(1),
         };
         parts.spawn({
             let (stop, store, m) = (stop.clone(), store.clone(), reflector_metrics.clone());
             async move {
-                crate::kvstoremesh::run(store, kcfg, m, peers_tx, stop.clone())
+                crate::kvstoremesh::run_with_peers(store, kcfg, m, peers_tx, peers, stop.clone())
                     .await
                     .map_err(AppError::KvStoreMesh)
             }
@@ -236,7 +360,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             }
         });
     }
-    let source = Box::new(ManifestSource::new(args.manifests.clone()));
     parts.spawn({
         let stop = stop.clone();
         async move {

@@ -394,6 +394,21 @@ pub async fn run(
     statuses: tokio::sync::watch::Sender<Vec<meshd::remote::PeerStatus>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), KvError> {
+    let peers =
+        meshd::peers::PeerDirWatcher::new(cfg.peers_dir.clone()).run(shutdown.child_token());
+    run_with_peers(local, cfg, metrics, statuses, peers, shutdown).await
+}
+
+/// [`run`] with the peer credentials from `peers` (e.g. a
+/// [`meshd::kube::PeerSecretWatcher`] in Kubernetes mode) instead of `cfg.peers_dir`.
+pub async fn run_with_peers(
+    local: Arc<dyn KvStore>,
+    cfg: KvStoreMeshConfig,
+    metrics: meshd::metrics::ReflectorMetrics,
+    statuses: tokio::sync::watch::Sender<Vec<meshd::remote::PeerStatus>>,
+    mut peers: futures::stream::BoxStream<'static, meshd::peers::PeerEvent>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), KvError> {
     use futures::StreamExt;
     let writer = CacheWriter::new(local).await?;
     let (tx, rx) = mpsc::channel(8192);
@@ -433,8 +448,6 @@ pub async fn run(
             backoff.reset();
         }
     });
-    let mut peers =
-        meshd::peers::PeerDirWatcher::new(cfg.peers_dir.clone()).run(shutdown.child_token());
     let mut tick = tokio::time::interval(cfg.heartbeat_mirror);
     let mut mirrored: std::collections::HashMap<ClusterName, time::OffsetDateTime> =
         std::collections::HashMap::new();

@@ -11,12 +11,13 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.check {
-        match app::check_manifests(&args.manifests) {
+        let Some(dir) = &args.manifests else {
+            eprintln!("--check needs --manifests");
+            std::process::exit(2);
+        };
+        match app::check_manifests(dir) {
             Ok(objects) => {
-                println!(
-                    "{}: {objects} objects, no problems",
-                    args.manifests.display()
-                );
+                println!("{}: {objects} objects, no problems", dir.display());
                 return Ok(());
             }
             Err(e) => {

@@ -16,6 +16,9 @@
 //!   [`reflector::Event`]s; undecodable entries are dropped and counted.
 //! - [`policy`]: the `MeshNetworkPolicy` engine (selector cache, incremental per-endpoint
 //!   allow entries as diffs for the datapath, `trace`), shared by the agent and meshctl.
+//! - [`kube`]: Kubernetes mode — clients from kubeconfigs, the peer Secret watcher
+//!   (`PeerEvent`s like the peers directory), and meshctl's reads/writes of a meshd
+//!   installation (config, CA, clustermesh Service address, peer Secrets).
 //! - [`backoff`], [`metrics`]: shared retry policy and Prometheus counters.
 //! - [`health`]: the plain-HTTP `/healthz`, `/readyz`, `/metrics` server every binary runs.
 //!
@@ -28,6 +31,7 @@ pub mod ctl;
 pub mod events;
 pub mod health;
 pub mod keys;
+pub mod kube;
 pub mod kv;
 pub mod metrics;
 pub mod model;

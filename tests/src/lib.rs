@@ -13,6 +13,7 @@
 
 pub mod etcd;
 pub mod exporter;
+pub mod kube_api;
 pub mod mesh;
 pub mod meshctl;
 pub mod mirror;

@@ -130,3 +130,9 @@ pub fn parse_file(path: &Path, text: &str) -> (Vec<Object>, Vec<SourceError>) {
     let objects = parsed.objects.into_iter().map(|l| l.object).collect();
     (objects, parsed.errors)
 }
+
+/// Decodes one object (JSON with `apiVersion` and `kind`) the way a manifest document is
+/// decoded and validated; errors are messages naming the field.
+pub(crate) fn decode_object(value: &serde_json::Value) -> Result<Object, Vec<String>> {
+    parse::decode_value(value)
+}

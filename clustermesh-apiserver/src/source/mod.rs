@@ -6,6 +6,7 @@
 //! (the source keeps going; objects from the last good input stay in force).
 
 mod channel;
+pub mod kube;
 pub mod manifest;
 
 pub use channel::ChannelSource;

@@ -80,9 +80,7 @@ impl PeerManager {
     pub async fn handle(&mut self, ev: PeerEvent) {
         match ev {
             PeerEvent::Upsert(cred) => {
-                self.errors.retain(|p, _| {
-                    p.file_stem().and_then(|s| s.to_str()) != Some(cred.name.as_str())
-                });
+                self.errors.retain(|p, _| !names_peer(p, &cred.name));
                 if cred.name == self.cfg.local {
                     tracing::warn!(peer = %cred.name, "ignoring a peer credential for this cluster itself");
                     return;
@@ -117,6 +115,7 @@ impl PeerManager {
                 }
             }
             PeerEvent::Remove(name) => {
+                self.errors.retain(|p, _| !names_peer(p, &name));
                 if let Some(old) = self.peers.remove(&name) {
                     tracing::info!(peer = %name, "peer removed; draining its data");
                     old.cluster.stop().await;
@@ -159,4 +158,12 @@ impl PeerManager {
             p.cluster.stop_keep_data().await;
         }
     }
+}
+
+/// Whether an error path is about `peer`: `<dir>/<peer>.kubeconfig`, or a path through the
+/// peer's Secret (`Secret/<ns>/meshd-peer-<peer>[/kubeconfig]`).
+fn names_peer(path: &std::path::Path, peer: &ClusterName) -> bool {
+    let secret = format!("meshd-peer-{peer}");
+    path.file_stem().and_then(|s| s.to_str()) == Some(peer.as_str())
+        || path.components().any(|c| c.as_os_str() == secret.as_str())
 }

@@ -318,6 +318,22 @@ fn value_kind(value: &Value) -> &'static str {
     }
 }
 
+/// Decodes and validates one object given as JSON with `apiVersion` and `kind`, exactly as
+/// a manifest document of that kind is (the Kubernetes source uses this, so that both sources
+/// turn the same object into the same [`Object`]).
+pub(crate) fn decode_value(value: &Value) -> Result<Object, Vec<String>> {
+    let header = Header::read(value);
+    let (Some(api_version), Some(kind)) = (header.api_version, header.kind) else {
+        return Err(vec!["apiVersion and kind: required".to_owned()]);
+    };
+    let Some(kind) = Kind::of(api_version, kind) else {
+        return Err(vec![format!(
+            "unsupported apiVersion {api_version:?} kind {kind:?}"
+        )]);
+    };
+    decode(kind, value)
+}
+
 /// Decodes and validates one object of a supported kind.
 fn decode(kind: Kind, value: &Value) -> Result<Object, Vec<String>> {
     Ok(match kind {
