@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,238 +24,19 @@ use mesh_agent::datapath::sync::{
 };
 use mesh_agent::datapath::{
     AyaConfig, AyaDatapath, Backend, Change, Datapath, Endpoint, Protocol, ServiceKey,
-    cgroup2_mount,
 };
 use mesh_agent::runtime::{Agent, PeerAccess, ViewHandles};
 use mesh_tests::init_tracing;
+use mesh_tests::lab::{Bpffs, Cgroup, Lab, Pod, python};
 use mesh_tests::mesh::{TestCluster, connect};
 use mesh_tests::objects::{endpoint_slice, pod, service};
+use mesh_tests::require_root;
 use mesh_tests::util::ChildGuard;
 use meshd::model::MaxConnectedClusters;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-// ---------------------------------------------------------------- environment guards
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-macro_rules! require_root {
-    ($name:literal) => {
-        if !is_root() {
-            eprintln!(
-                "SKIPPED {}: needs root (BPF, network namespaces, cgroups, bpffs mount); run as root or in CI",
-                $name
-            );
-            return;
-        }
-    };
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn run_quiet(cmd: &str, args: &[&str]) {
-    let _ = Command::new(cmd)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
-fn suffix() -> String {
-    format!("{}", std::process::id() % 1_000_000)
-}
-
-/// A private bpffs mount; the agent's pin dir lives inside.
-#[derive(Debug)]
-struct Bpffs {
-    dir: tempfile::TempDir,
-}
-
-impl Bpffs {
-    fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("meshd-bpffs-")
-            .tempdir()
-            .expect("tempdir");
-        run(
-            "mount",
-            &["-t", "bpf", "bpf", dir.path().to_str().expect("utf-8")],
-        );
-        Self { dir }
-    }
-    fn pin_dir(&self) -> PathBuf {
-        self.dir.path().join("meshd")
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        run_quiet(
-            "umount",
-            &["-l", self.dir.path().to_str().unwrap_or("/nonexistent")],
-        );
-    }
-}
-
-/// A cgroup v2 directory; processes left in it are killed on drop.
-#[derive(Debug)]
-struct Cgroup {
-    path: PathBuf,
-}
-
-impl Cgroup {
-    fn new(tag: &str) -> Self {
-        let root = cgroup2_mount().expect("a cgroup2 mount");
-        let path = root.join(format!("meshd-mesh-{tag}-{}", suffix()));
-        std::fs::create_dir(&path).expect("mkdir cgroup");
-        Self { path }
-    }
-    fn procs(&self) -> PathBuf {
-        self.path.join("cgroup.procs")
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if let Ok(procs) = std::fs::read_to_string(self.procs()) {
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-            if std::fs::remove_dir(&self.path).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("could not remove cgroup {}", self.path.display());
-    }
-}
-
-/// A bridge with pods (netns + veth + host /32 route); everything deleted on drop.
-#[derive(Debug)]
-struct Lab {
-    tag: String,
-    bridge: String,
-    netns: Vec<String>,
-    links: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-struct Pod {
-    netns: String,
-    host_if: String,
-    ip: Ipv4Addr,
-}
-
-impl Lab {
-    fn new(tag: &str) -> Self {
-        let lab = Self {
-            tag: tag.to_owned(),
-            bridge: format!("mb{tag}{}", suffix()),
-            netns: Vec::new(),
-            links: vec![format!("mb{tag}{}", suffix())],
-        };
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &lab.bridge,
-                "type",
-                "bridge",
-                "nf_call_iptables",
-                "0",
-                "nf_call_ip6tables",
-                "0",
-                "nf_call_arptables",
-                "0",
-            ],
-        );
-        run("ip", &["link", "set", &lab.bridge, "up"]);
-        lab
-    }
-
-    fn pod(&mut self, name: &str, ip: Ipv4Addr) -> Pod {
-        let s = suffix();
-        let netns = format!("meshd-{}-{name}-{s}", self.tag);
-        let host_if = format!("m{}{name}{s}", self.tag);
-        let peer = format!("p{}{name}{s}", self.tag);
-        assert!(
-            host_if.len() < 16 && peer.len() < 16,
-            "{host_if}: name too long"
-        );
-        run("ip", &["netns", "add", &netns]);
-        self.netns.push(netns.clone());
-        run(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", &peer,
-            ],
-        );
-        self.links.push(host_if.clone());
-        run("ip", &["link", "set", &peer, "netns", &netns]);
-        run("ip", &["-n", &netns, "link", "set", &peer, "name", "eth0"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{ip}/16"),
-                "dev",
-                "eth0",
-            ],
-        );
-        run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
-        run("ip", &["-n", &netns, "link", "set", "lo", "up"]);
-        run("ip", &["link", "set", &host_if, "master", &self.bridge]);
-        run("ip", &["link", "set", &host_if, "up"]);
-        // The routed-CNI signal the syncer's resolver reads (deleted with the link).
-        run(
-            "ip",
-            &["route", "add", &format!("{ip}/32"), "dev", &host_if],
-        );
-        Pod { netns, host_if, ip }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.netns {
-            run_quiet("ip", &["netns", "del", ns]);
-        }
-        for l in self.links.iter().rev() {
-            run_quiet("ip", &["link", "del", l]);
-        }
-    }
-}
 
 // ---------------------------------------------------------------- processes in pods
 
@@ -297,17 +77,6 @@ for _ in range(count):
     except Exception as e:
         print('err %s' % e, flush=True)
 "#;
-
-fn python() -> String {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 is needed by the datapath tests");
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_owned()
-}
 
 fn server(pod: &Pod, name: &str) -> ChildGuard {
     let mut child = Command::new("nsenter")
@@ -542,7 +311,7 @@ fn block<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> tokio::ta
 async fn ebpf_mesh_global_service_affinity_removal_and_agent_restart() {
     require_root!("ebpf_mesh_global_service_affinity_removal_and_agent_restart");
     init_tracing();
-    let mut lab = Lab::new("g");
+    let mut lab = Lab::new("g").prefix_len(16).host_routes(true);
     let client_pod = lab.pod("c", ip(1, 5));
     let east_web = lab.pod("e", ip(1, 11));
     let west_web = lab.pod("w", ip(2, 11));
