@@ -42,6 +42,7 @@ pub struct AgentApi {
     mode: MaxConnectedClusters,
     handles: ViewHandles,
     datapath: Option<SyncHandles>,
+    policy: Option<watch::Receiver<crate::policy::PolicyStatus>>,
 }
 
 /// What readiness is computed from: the sources and the datapath.
@@ -109,10 +110,17 @@ impl AgentApi {
             mode: cfg.mode,
             handles,
             datapath: None,
+            policy: None,
         }
     }
 
-    /// Reports this datapath's status and streams its drop events.
+    /// Reports the policies in force and rejected in `GetStatus`.
+    pub fn with_policy(mut self, status: watch::Receiver<crate::policy::PolicyStatus>) -> Self {
+        self.policy = Some(status);
+        self
+    }
+
+    /// Reports the datapath in `GetStatus` and streams its drops.
     pub fn with_datapath(mut self, handles: SyncHandles) -> Self {
         self.datapath = Some(handles);
         self
@@ -148,6 +156,16 @@ impl ClusterMesh for AgentApi {
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let status = self.handles.status.borrow().clone();
         let mut out = status_to_proto(&status, &self.cluster, self.cluster_id, self.mode);
+        if let Some(p) = &self.policy {
+            let p = p.borrow();
+            out.policies_in_force.clone_from(&p.in_force);
+            out.policies_rejected = p
+                .rejected
+                .iter()
+                .map(|(k, why)| format!("{k}: {why}"))
+                .collect();
+            out.policy_entries = p.entries as u64;
+        }
         if let Some(dp) = &self.datapath {
             let r = Readiness {
                 agent: status,
@@ -505,6 +523,7 @@ pub fn status_to_proto(
             .iter()
             .map(|(file, e)| format!("{file}: {e}"))
             .collect(),
+        ..pb::ClusterStatus::default()
     }
 }
 

@@ -257,8 +257,18 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     dp_metrics.register(&mut registry);
     dns_metrics.register(&mut registry);
     let registry = Arc::new(registry);
-    let agent = Agent::start(cfg.clone(), store, metrics.reflector.clone());
+    let agent = Agent::start(cfg.clone(), store.clone(), metrics.reflector.clone());
     let handles = agent.handles();
+    // Local MeshNetworkPolicies → engine → policy snapshots for the syncer.
+    let policy_stop = shutdown.child_token();
+    let (policy, policy_task) = crate::policy::start(
+        store,
+        cfg.supervisor.local.clone(),
+        handles.identities.clone(),
+        handles.ipcache.clone(),
+        metrics.reflector.clone(),
+        policy_stop.clone(),
+    );
     let syncer = Syncer::new(
         dp,
         fallback,
@@ -267,7 +277,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         dp_metrics,
     );
     let dp_handles = syncer.handles();
-    let api = AgentApi::new(&cfg.supervisor, handles.clone()).with_datapath(dp_handles.clone());
+    let api = AgentApi::new(&cfg.supervisor, handles.clone())
+        .with_datapath(dp_handles.clone())
+        .with_policy(policy.status.clone());
 
     // Any server ending stops the others; the agent's supervisors stop alongside.
     let stop = shutdown.child_token();
@@ -291,7 +303,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     });
     parts.spawn({
         let stop = stop.clone();
-        let inputs = SyncInputs::from_handles(&handles, None);
+        let inputs = SyncInputs::from_handles(&handles, Some(policy.snapshots.clone()));
         async move {
             syncer.run(inputs, stop).await;
             Ok(())
@@ -333,6 +345,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let servers = parts.join();
     let agent = async {
         stop.cancelled().await;
+        policy_stop.cancel();
+        let _ = policy_task.await;
         agent.shutdown().await;
     };
     let (result, ()) = tokio::join!(servers, agent);

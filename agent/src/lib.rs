@@ -12,5 +12,6 @@ pub mod app;
 pub mod datapath;
 pub mod dns;
 pub mod metrics;
+pub mod policy;
 pub mod runtime;
 pub mod view;

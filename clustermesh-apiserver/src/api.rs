@@ -329,6 +329,7 @@ pub fn status_to_proto(
         datapath: String::new(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         peer_config_errors: Vec::new(),
+        ..pb::ClusterStatus::default()
     }
 }
 

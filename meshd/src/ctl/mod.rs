@@ -7,6 +7,7 @@ mod diagnose;
 mod etcd_auth;
 mod observe;
 mod output;
+mod policy;
 mod status;
 mod up;
 
@@ -19,6 +20,7 @@ pub use certs::{CertsCommand, UsageArg, parse_validity, parse_window};
 pub use connect::{ConnectArgs, DisconnectArgs};
 pub use diagnose::DiagnoseArgs;
 pub use output::OutputFormat;
+pub use policy::PolicyCommand;
 pub use status::{IdentitiesArgs, PeersArgs, ServicesArgs, StatusArgs};
 pub use up::{ClusterState, DownArgs, ExecArgs, MeshState, ProcState, UpArgs, UpDatapath};
 
@@ -72,6 +74,12 @@ pub enum Command {
     Peers(PeersArgs),
     /// Security identities an agent knows (local and remote), with their labels.
     Identities(IdentitiesArgs),
+    /// MeshNetworkPolicies: what is in force per endpoint, and why a flow is allowed or not.
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Packets an agent's policy programs dropped, with identities, labels and clusters.
     Observe(observe::ObserveArgs),
     /// Named checks of every cluster (mTLS, certificates, IDs, sync markers, heartbeat,
@@ -213,6 +221,7 @@ pub fn run(cli: &Cli, out: &mut impl Write) -> Result<Status, CtlError> {
         Command::Services(args) => status::services(args, out),
         Command::Peers(args) => status::peers(args, out),
         Command::Identities(args) => status::identities(args, out),
+        Command::Policy { command } => policy::run(command, out),
         Command::Observe(args) => observe::observe(args, out),
         Command::Diagnose(args) => diagnose::diagnose(args, out),
         Command::Completion { shell } => {

@@ -127,6 +127,11 @@ struct ComponentReport {
     datapath: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     peer_config_errors: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    policies_in_force: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    policies_rejected: Vec<String>,
+    policy_entries: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -257,6 +262,9 @@ fn component(address: String, r: &Result<pb::ClusterStatus, String>) -> Componen
             version: s.version.clone(),
             datapath: s.datapath.clone(),
             peer_config_errors: s.peer_config_errors.clone(),
+            policies_in_force: s.policies_in_force.clone(),
+            policies_rejected: s.policies_rejected.clone(),
+            policy_entries: s.policy_entries,
         },
         Err(e) => ComponentReport {
             address,
@@ -272,6 +280,9 @@ fn component(address: String, r: &Result<pb::ClusterStatus, String>) -> Componen
             version: String::new(),
             datapath: String::new(),
             peer_config_errors: Vec::new(),
+            policies_in_force: Vec::new(),
+            policies_rejected: Vec::new(),
+            policy_entries: 0,
         },
     }
 }
@@ -496,6 +507,18 @@ fn write_component(out: &mut impl Write, what: &str, r: &ComponentReport) -> std
     }
     for e in &r.peer_config_errors {
         writeln!(out, "    rejected peer config: {e}")?;
+    }
+    if what == "agent" && (!r.policies_in_force.is_empty() || !r.policies_rejected.is_empty()) {
+        writeln!(
+            out,
+            "    policies {} in force ({}), {} entries",
+            r.policies_in_force.len(),
+            list(&r.policies_in_force),
+            r.policy_entries
+        )?;
+    }
+    for e in &r.policies_rejected {
+        writeln!(out, "    {} policy {e}", warn("rejected"))?;
     }
     Ok(())
 }
