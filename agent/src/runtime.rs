@@ -144,12 +144,34 @@ impl Agent {
         local_store: Arc<dyn KvStore>,
         metrics: ReflectorMetrics,
     ) -> Self {
+        let shutdown = CancellationToken::new();
+        let peers = PeerDirWatcher::new(cfg.peers_dir.clone()).run(shutdown.child_token());
+        Self::start_inner(cfg, local_store, metrics, peers, shutdown)
+    }
+
+    /// Like [`Self::start`], with the peer credentials from `peers` instead of
+    /// `cfg.peers_dir` (Kubernetes mode: a `meshd::kube::PeerSecretWatcher` stream).
+    pub fn start_with_peers(
+        cfg: AgentConfig,
+        local_store: Arc<dyn KvStore>,
+        metrics: ReflectorMetrics,
+        peers: futures::stream::BoxStream<'static, meshd::peers::PeerEvent>,
+    ) -> Self {
+        Self::start_inner(cfg, local_store, metrics, peers, CancellationToken::new())
+    }
+
+    fn start_inner(
+        cfg: AgentConfig,
+        local_store: Arc<dyn KvStore>,
+        metrics: ReflectorMetrics,
+        mut peer_events: futures::stream::BoxStream<'static, meshd::peers::PeerEvent>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let AgentConfig {
             supervisor,
-            peers_dir,
+            peers_dir: _,
             access,
         } = cfg;
-        let shutdown = CancellationToken::new();
         let local_name = supervisor.local.clone();
         let mut view = MergedView::new(local_name.clone());
         let (status_tx, status) = watch::channel(AgentStatus::default());
@@ -183,7 +205,6 @@ impl Agent {
                 PeerAccess::Cached => ClusterSource::Cached(cache.clone()),
             }),
         );
-        let mut peer_events = PeerDirWatcher::new(peers_dir).run(shutdown.child_token());
         tasks.spawn({
             let shutdown = shutdown.clone();
             async move {

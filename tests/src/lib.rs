@@ -14,6 +14,7 @@
 pub mod etcd;
 pub mod exporter;
 pub mod kube_api;
+pub mod kube_cluster;
 pub mod lab;
 pub mod mesh;
 pub mod meshctl;

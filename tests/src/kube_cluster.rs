@@ -1,0 +1,313 @@
+//! `KubeCluster`: one cluster in Kubernetes mode — its own test API server, real etcd, the
+//! exporter on the Kubernetes source, kvstoremesh and an agent reading peer Secrets — and
+//! `connect_by_context`, the steps `meshctl connect --context` takes, through `meshd::kube`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustermesh_apiserver::bootstrap;
+use clustermesh_apiserver::export::ExportConfig;
+use clustermesh_apiserver::kvstoremesh::{self, KvStoreMeshConfig};
+use clustermesh_apiserver::source::kube::{KubeSource, KubeSourceConfig};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
+use kube::api::{Api, PostParams};
+use mesh_agent::runtime::{Agent, AgentConfig, PeerAccess};
+use mesh_certs::{CertRequest, CertificateAuthority};
+use meshd::kube::PeerSecretWatcher;
+use meshd::kv::{EtcdConfig, EtcdStore, KvStore};
+use meshd::metrics::ReflectorMetrics;
+use meshd::model::{ClusterId, ClusterName, MaxConnectedClusters};
+use meshd::peers::PeerCredential;
+use meshd::remote::PeerStatus;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::EtcdGuard;
+use crate::exporter::RunningExporter;
+use crate::kube_api::KubeApiServer;
+use crate::mesh::supervisor_config;
+
+/// Namespace meshd is "installed" in.
+pub const MESHD_NAMESPACE: &str = "meshd";
+
+/// One cluster in Kubernetes mode.
+pub struct KubeCluster {
+    /// Name.
+    pub name: ClusterName,
+    /// ID.
+    pub id: ClusterId,
+    /// Its Kubernetes API.
+    pub api: KubeApiServer,
+    /// A client of it.
+    pub client: kube::Client,
+    /// Its etcd.
+    pub etcd: EtcdGuard,
+    /// Root store of its etcd.
+    pub store: Arc<dyn KvStore>,
+    /// The exporter (Kubernetes source).
+    pub exporter: RunningExporter,
+    /// kvstoremesh's view of its peers.
+    pub kvstoremesh_status: watch::Receiver<Vec<PeerStatus>>,
+    /// The agent (peers from Secrets, read through the kvstoremesh cache).
+    pub agent: Agent,
+    shutdown: CancellationToken,
+    kvstoremesh: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl KubeCluster {
+    /// Starts the API server (with what the Helm chart installs: namespace `meshd`,
+    /// ConfigMap `meshd-config`, Secret `meshd-ca`, NodePort Service
+    /// `clustermesh-apiserver` on a node at 127.0.0.1), etcd, the exporter, kvstoremesh and
+    /// an agent.
+    pub async fn start(name: &str, id: u32) -> anyhow::Result<Self> {
+        let name = ClusterName::new(name)?;
+        let id = ClusterId::new(id, MaxConnectedClusters::C255)?;
+        let api = KubeApiServer::start().await?;
+        let client = api.client().await?;
+        let etcd = Box::pin(EtcdGuard::start()).await?;
+        let root = etcd.root_store().await?;
+        Box::pin(bootstrap::bootstrap(&root.client(), &name)).await?;
+        let store: Arc<dyn KvStore> = Arc::new(root);
+        install(&client, &name, id, &etcd).await?;
+
+        let mut cfg = ExportConfig::new(name.clone(), id, MaxConnectedClusters::C255);
+        cfg.heartbeat_interval = Duration::from_secs(1);
+        let source = KubeSource::new(client.clone(), KubeSourceConfig::default());
+        let mut exporter = RunningExporter::start(store.clone(), cfg, Box::new(source));
+        Box::pin(exporter.wait_ready(Duration::from_secs(60))).await?;
+
+        let shutdown = CancellationToken::new();
+        let (tx, kvstoremesh_status) = watch::channel(Vec::new());
+        let kcfg = KvStoreMeshConfig {
+            supervisor: supervisor_config(&name, id),
+            peers_dir: std::path::PathBuf::new(),
+            heartbeat_mirror: Duration::from_millis(200),
+        };
+        let peers = PeerSecretWatcher::new(client.clone(), MESHD_NAMESPACE)
+            .with_events("clustermesh-apiserver", Some("apiserver-0".into()))
+            .run(shutdown.child_token());
+        let kvstoremesh = tokio::spawn({
+            let (store, shutdown) = (store.clone(), shutdown.clone());
+            async move {
+                if let Err(e) = kvstoremesh::run_with_peers(
+                    store,
+                    kcfg,
+                    ReflectorMetrics::default(),
+                    tx,
+                    peers,
+                    shutdown,
+                )
+                .await
+                {
+                    tracing::error!(error = %e, "kvstoremesh failed");
+                }
+            }
+        });
+        let mut supervisor = supervisor_config(&name, id);
+        supervisor.heartbeat_timeout = Duration::from_secs(30);
+        let agent = Agent::start_with_peers(
+            AgentConfig {
+                supervisor,
+                peers_dir: std::path::PathBuf::new(),
+                access: PeerAccess::Cached,
+            },
+            store.clone(),
+            ReflectorMetrics::default(),
+            PeerSecretWatcher::new(client.clone(), MESHD_NAMESPACE).run(shutdown.child_token()),
+        );
+        Ok(Self {
+            name,
+            id,
+            api,
+            client,
+            etcd,
+            store,
+            exporter,
+            kvstoremesh_status,
+            agent,
+            shutdown,
+            kvstoremesh: Some(kvstoremesh),
+        })
+    }
+}
+
+/// Creates what a meshd installation publishes in its namespace.
+async fn install(
+    client: &kube::Client,
+    name: &ClusterName,
+    id: ClusterId,
+    etcd: &EtcdGuard,
+) -> anyhow::Result<()> {
+    let pp = PostParams::default();
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &pp,
+            &serde_json::from_value(json!({"metadata": {"name": MESHD_NAMESPACE}}))?,
+        )
+        .await?;
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": meshd::kube::CONFIG_MAP},
+        "data": {"cluster-name": name.as_str(), "cluster-id": id.get().to_string(),
+                 "max-connected-clusters": "255"},
+    }))?;
+    Api::<ConfigMap>::namespaced(client.clone(), MESHD_NAMESPACE)
+        .create(&pp, &cm)
+        .await?;
+    let ca = etcd.ca();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": meshd::kube::CA_SECRET},
+        "data": {"ca.crt": b64(ca.cert_pem()), "ca.key": b64(ca.key_pem())},
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), MESHD_NAMESPACE)
+        .create(&pp, &secret)
+        .await?;
+    let port: u16 = etcd
+        .endpoint()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_default();
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": meshd::kube::APISERVER_SERVICE},
+        "spec": {"type": "NodePort", "selector": {"app": "clustermesh-apiserver"},
+                 "ports": [{"name": "etcd", "port": 2379, "targetPort": 2379, "nodePort": port}]},
+    }))?;
+    Api::<Service>::namespaced(client.clone(), MESHD_NAMESPACE)
+        .create(&pp, &svc)
+        .await?;
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": "node-1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                   "conditions": [{"type": "Ready", "status": "True"}]},
+    }))?;
+    create_with_status(&Api::<Node>::all(client.clone()), &node).await?;
+    Ok(())
+}
+
+/// Creates `obj`, then writes its `.status` through the status subresource (the API
+/// server ignores status on create, as a real one does; kubelets and controllers set it).
+pub async fn create_with_status<K>(api: &Api<K>, obj: &K) -> anyhow::Result<K>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let created = api.create(&PostParams::default(), obj).await?;
+    let status = serde_json::to_value(obj)?
+        .get("status")
+        .cloned()
+        .filter(|s| !s.is_null());
+    let Some(status) = status else {
+        return Ok(created);
+    };
+    let name = created.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .patch_status(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "status": status })),
+        )
+        .await?)
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The credential with which `reader` reads `of`, made the way `meshctl connect --context`
+/// does it, through `of`'s Kubernetes API only: cluster config, CA and clustermesh
+/// endpoint from `meshd::kube`; etcd reached at that endpoint as `root` with a certificate
+/// from that CA; user `remote-<reader>` created; a client certificate for it issued.
+pub async fn credential_by_context(
+    of: &kube::Client,
+    reader: &ClusterName,
+) -> anyhow::Result<PeerCredential> {
+    let config = meshd::kube::read_cluster_config(of, MESHD_NAMESPACE).await?;
+    let (ca_pem, ca_key) = meshd::kube::read_ca(of, MESHD_NAMESPACE).await?;
+    let endpoint = meshd::kube::clustermesh_endpoint(of, MESHD_NAMESPACE, None).await?;
+    let ca = CertificateAuthority::from_pem(&ca_pem, &ca_key)?;
+    // The test etcd's certificate names localhost and 127.0.0.1 (the chart's names the
+    // Service: endpoint.tls_server_name).
+    let tls_server_name = match endpoint.host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) if ip == Ipv4Addr::LOCALHOST => Some("localhost".to_owned()),
+        _ => Some(endpoint.tls_server_name.clone()),
+    };
+    let root = ca.issue(&CertRequest::client("root"))?;
+    let etcd = EtcdStore::connect(&EtcdConfig {
+        endpoints: vec![endpoint.url()],
+        ca_pem: Some(ca_pem.clone()),
+        cert_pem: Some(root.cert_pem),
+        key_pem: Some(root.key_pem),
+        tls_server_name: tls_server_name.clone(),
+        connect_timeout: Some(Duration::from_secs(3)),
+        request_timeout: Some(Duration::from_secs(10)),
+        ..EtcdConfig::default()
+    })
+    .await?;
+    bootstrap::add_remote_user(&etcd.client(), reader).await?;
+    let cert = ca.issue(&CertRequest::client(&bootstrap::remote_user(reader)))?;
+    Ok(PeerCredential {
+        name: config.name,
+        cluster_id: config.id,
+        max_connected_clusters: config.max_connected_clusters,
+        server: endpoint.url(),
+        ca_pem,
+        cert_pem: cert.cert_pem,
+        key_pem: cert.key_pem,
+        tls_server_name,
+    })
+}
+
+/// Peers `a` and `b` both ways through their Kubernetes APIs: reads each side's install,
+/// creates the etcd users and writes both peer Secrets (what `meshctl connect --context
+/// A --destination-context B` does).
+pub async fn connect_by_context(a: &KubeCluster, b: &KubeCluster) -> anyhow::Result<()> {
+    let a_reads_b = credential_by_context(&b.client, &a.name).await?;
+    let b_reads_a = credential_by_context(&a.client, &b.name).await?;
+    meshd::kube::write_peer_secret(
+        &a.client,
+        MESHD_NAMESPACE,
+        &a_reads_b,
+        &bootstrap::remote_user(&a.name),
+        "meshctl",
+    )
+    .await?;
+    meshd::kube::write_peer_secret(
+        &b.client,
+        MESHD_NAMESPACE,
+        &b_reads_a,
+        &bootstrap::remote_user(&b.name),
+        "meshctl",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Labels as a map (test object helper).
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+impl std::fmt::Debug for KubeCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeCluster")
+            .field("name", &self.name)
+            .field("api", &self.api.url())
+            .field("etcd", &self.etcd.endpoint())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KubeCluster {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.kvstoremesh.take() {
+            t.abort();
+        }
+    }
+}
