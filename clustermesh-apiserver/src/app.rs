@@ -81,6 +81,22 @@ pub struct Args {
         conflicts_with = "peers_dir"
     )]
     pub peer_secrets_namespace: Option<String>,
+    /// Client certificate with CN `root` (PEM): when set, the etcd users, roles and auth
+    /// of DESIGN §5 are bootstrapped (idempotently) before the apiserver starts — for an
+    /// etcd started empty next to it (the Helm chart's sidecar).
+    #[arg(
+        long,
+        env = "MESH_ETCD_BOOTSTRAP_CERT",
+        requires = "etcd_bootstrap_key"
+    )]
+    pub etcd_bootstrap_cert: Option<PathBuf>,
+    /// Key of --etcd-bootstrap-cert.
+    #[arg(
+        long,
+        env = "MESH_ETCD_BOOTSTRAP_KEY",
+        requires = "etcd_bootstrap_cert"
+    )]
+    pub etcd_bootstrap_key: Option<PathBuf>,
     /// Write MCS status back (`--source kubernetes`): ServiceExport conditions and a
     /// ServiceImport per global service in each namespace that exists.
     #[arg(long, env = "MESH_MCS_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -172,6 +188,9 @@ pub enum AppError {
     /// A required setting is missing.
     #[error("{0}")]
     Missing(String),
+    /// Bootstrapping etcd's users and roles failed.
+    #[error(transparent)]
+    Bootstrap(#[from] crate::bootstrap::BootstrapError),
     /// `--check` found bad manifests.
     #[error("{} problem(s) in the manifests under {}:\n{}", .problems.len(), .dir.display(), .problems.join("\n"))]
     Manifests {
@@ -265,6 +284,21 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             return Err(AppError::Missing("no Kubernetes client".into()));
         }
     };
+    if let (Some(cert), Some(key)) = (&args.etcd_bootstrap_cert, &args.etcd_bootstrap_key) {
+        let read = |what: &'static str, path: &PathBuf| {
+            std::fs::read_to_string(path).map_err(|source| meshd::args::ArgFileError {
+                what,
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut root = args.etcd.load()?;
+        root.cert_pem = Some(read("--etcd-bootstrap-cert", cert)?);
+        root.key_pem = Some(read("--etcd-bootstrap-key", key)?);
+        let root = EtcdStore::connect(&root).await?;
+        let report = crate::bootstrap::bootstrap(&root.client(), &cfg.cluster).await?;
+        tracing::info!(?report, "etcd bootstrapped");
+    }
     let store: Arc<dyn KvStore> = Arc::new(EtcdStore::connect(&args.etcd.load()?).await?);
     let client_ca = std::fs::read_to_string(&args.grpc_client_ca).map_err(|source| {
         meshd::args::ArgFileError {
