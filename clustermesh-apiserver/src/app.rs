@@ -98,7 +98,8 @@ pub struct Args {
     )]
     pub etcd_bootstrap_key: Option<PathBuf>,
     /// Write MCS status back (`--source kubernetes`): ServiceExport conditions and a
-    /// ServiceImport per global service in each namespace that exists.
+    /// ServiceImport per global service in each namespace that exists. Not implemented yet:
+    /// accepted (the Helm chart sets it) and ignored.
     #[arg(long, env = "MESH_MCS_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
     pub mcs_status: bool,
     /// Name of this replica (identity references are per replica).
