@@ -32,8 +32,26 @@ pub struct Args {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// Directory of peer kubeconfigs (`<peer>.kubeconfig`), watched for changes.
-    #[arg(long, env = "MESH_PEERS_DIR")]
-    pub peers_dir: PathBuf,
+    #[arg(
+        long,
+        env = "MESH_PEERS_DIR",
+        required_unless_present = "peer_secrets_namespace"
+    )]
+    pub peers_dir: Option<PathBuf>,
+    /// Kubernetes mode: namespace whose Secrets `meshd-peer-<remote>` (label
+    /// meshd.io/peer=true, key kubeconfig) name the peers; replaces --peers-dir.
+    #[arg(
+        long,
+        env = "MESH_PEER_SECRETS_NAMESPACE",
+        conflicts_with = "peers_dir"
+    )]
+    pub peer_secrets_namespace: Option<String>,
+    /// Kubeconfig for --peer-secrets-namespace (default: in-cluster configuration).
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context of --kubeconfig (default: its current context).
+    #[arg(long, env = "MESH_KUBE_CONTEXT")]
+    pub kube_context: Option<String>,
     /// How peers are read: from the local etcd's kvstoremesh cache, or straight from
     /// each peer's etcd with its credential.
     #[arg(long, env = "MESH_PEER_ACCESS", value_enum, default_value_t = AccessArg::Cached)]
@@ -152,6 +170,9 @@ pub enum AppError {
     /// The DNS server failed.
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsError),
+    /// The Kubernetes client for peer Secrets could not be built.
+    #[error("Kubernetes (peer Secrets): {0}")]
+    Kube(#[from] meshd::kube::KubeError),
 }
 
 /// Whether `dir` is on (or would be created on) a mounted bpffs, from `/proc/mounts`.
@@ -216,7 +237,7 @@ impl Args {
         supervisor.cache_ttl = self.remote_cache_ttl;
         Ok(AgentConfig {
             supervisor,
-            peers_dir: self.peers_dir.clone(),
+            peers_dir: self.peers_dir.clone().unwrap_or_default(),
             access: self.peer_access.into(),
         })
     }
@@ -257,7 +278,20 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     dp_metrics.register(&mut registry);
     dns_metrics.register(&mut registry);
     let registry = Arc::new(registry);
-    let agent = Agent::start(cfg.clone(), store.clone(), metrics.reflector.clone());
+    let agent = match &args.peer_secrets_namespace {
+        Some(ns) => {
+            let client = meshd::kube::client_from_kubeconfig(
+                args.kubeconfig.as_deref(),
+                args.kube_context.as_deref(),
+            )
+            .await?;
+            let peers = meshd::kube::PeerSecretWatcher::new(client, ns.clone())
+                .with_events("mesh-agent", None)
+                .run(shutdown.child_token());
+            Agent::start_with_peers(cfg.clone(), store.clone(), metrics.reflector.clone(), peers)
+        }
+        None => Agent::start(cfg.clone(), store.clone(), metrics.reflector.clone()),
+    };
     let handles = agent.handles();
     // Local MeshNetworkPolicies → engine → policy snapshots for the syncer.
     let policy_stop = shutdown.child_token();

@@ -43,6 +43,8 @@ pub const APISERVER_ROLE: &str = "mesh-apiserver";
 /// The role of every peer's user: read-only on `mesh/state/`, `mesh/cluster-config/`,
 /// `mesh/synced/` (prefixes) and the single key `mesh/heartbeat`.
 pub const REMOTE_ROLE: &str = "mesh-remote";
+/// The role of the cluster's own agents: read-only on `mesh/` (they never write).
+pub const AGENT_ROLE: &str = "mesh-agent";
 /// etcd's superuser (must exist, with [`ROOT_ROLE`], before auth can be enabled).
 pub const ROOT_USER: &str = "root";
 /// etcd's built-in superuser role.
@@ -67,6 +69,11 @@ const AUTH_OLD_REVISION: &str = "etcdserver: revision of auth store is old";
 /// The etcd user of `cluster`'s own apiserver: `apiserver-<cluster>`.
 pub fn apiserver_user(cluster: &ClusterName) -> String {
     format!("apiserver-{cluster}")
+}
+
+/// The etcd user of `cluster`'s agents: `agent-<cluster>` (role [`AGENT_ROLE`]).
+pub fn agent_user(cluster: &ClusterName) -> String {
+    format!("agent-{cluster}")
 }
 
 /// The etcd administrator of `cluster`: `admin-<cluster>` (role `root`).
@@ -203,6 +210,11 @@ impl fmt::Display for KeyPermission {
 /// The exact permissions of [`APISERVER_ROLE`].
 pub fn apiserver_permissions() -> Vec<KeyPermission> {
     vec![KeyPermission::prefix(Access::ReadWrite, ROOT)]
+}
+
+/// The exact permissions of [`AGENT_ROLE`]: read everything under `mesh/`.
+pub fn agent_permissions() -> Vec<KeyPermission> {
+    vec![KeyPermission::prefix(Access::Read, ROOT)]
 }
 
 /// The exact permissions of [`REMOTE_ROLE`]: nothing of `mesh/cache/`, `mesh/policies/`,
@@ -699,6 +711,7 @@ pub async fn bootstrap(
     )
     .await?;
     ensure_role(&mut c, REMOTE_ROLE, &remote_permissions(), &mut report).await?;
+    ensure_role(&mut c, AGENT_ROLE, &agent_permissions(), &mut report).await?;
     ensure_user(
         &mut c,
         &apiserver_user(cluster),
@@ -707,6 +720,7 @@ pub async fn bootstrap(
         &mut report,
     )
     .await?;
+    ensure_user(&mut c, &agent_user(cluster), AGENT_ROLE, true, &mut report).await?;
     if !auth_is_enabled(&c).await? {
         c.auth_enable()
             .await

@@ -181,8 +181,12 @@ async fn bootstrap_is_idempotent_exact_and_repairs_drift() {
         expected.push(granted("mesh-remote", p));
     }
     expected.extend([
+        Change::RoleAdded("mesh-agent".into()),
+        granted("mesh-agent", KeyPermission::prefix(Access::Read, "mesh/")),
         Change::UserAdded("apiserver-east".into()),
         role_granted("apiserver-east", "mesh-apiserver"),
+        Change::UserAdded("agent-east".into()),
+        role_granted("agent-east", "mesh-agent"),
         Change::AuthEnabled,
     ]);
     assert_eq!(first.changes, expected);
