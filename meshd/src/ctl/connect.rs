@@ -30,9 +30,10 @@ use super::admin::{self, ClusterAdmin, KubeconfigArgs};
 use super::certs::parse_validity;
 use super::etcd_auth;
 use super::output::{OutputFormat, emit};
+use super::peerstore::PeerStore;
 use super::{CtlError, Status};
 use crate::keys::{Key, decode_cluster_config};
-use crate::peers::{PeerCredential, remove_peer_file, write_peer_file};
+use crate::peers::PeerCredential;
 
 const POLL: Duration = Duration::from_millis(250);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -41,12 +42,38 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Examples:
   meshctl connect east west --wait
-  meshctl connect east north --kubeconfig a/kubeconfig:b/kubeconfig -o json")]
+  meshctl connect east north --kubeconfig a/kubeconfig:b/kubeconfig -o json
+  meshctl connect --context kind-east --destination-context kind-west --wait   # Kubernetes")]
 pub struct ConnectArgs {
     /// One cluster (a context of the admin kubeconfig).
-    pub a: String,
+    #[arg(required_unless_present = "context")]
+    pub a: Option<String>,
     /// The other cluster.
-    pub b: String,
+    #[arg(required_unless_present = "context")]
+    pub b: Option<String>,
+    /// Kubernetes mode: the kubeconfig context of one cluster (instead of the two names).
+    #[arg(long, requires = "destination_context", conflicts_with_all = ["a", "b"])]
+    pub context: Option<String>,
+    /// Kubernetes mode: the kubeconfig context of the other cluster.
+    #[arg(long, requires = "context")]
+    pub destination_context: Option<String>,
+    /// Kubernetes mode: kubeconfig file(s) holding the contexts (':'-separated, like
+    /// $KUBECONFIG).
+    #[arg(
+        long = "kube-config",
+        env = "KUBECONFIG",
+        value_delimiter = ':',
+        default_value = "~/.kube/config"
+    )]
+    pub kube_config: Vec<PathBuf>,
+    /// Kubernetes mode: the namespace meshd is installed in.
+    #[arg(long, default_value = "meshd")]
+    pub namespace: String,
+    /// Kubernetes mode: the name to verify the clustermesh etcd's certificate against
+    /// (default `clustermesh-apiserver.<namespace>.svc`, the chart's certificate).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+
     /// Which kubeconfig(s) name the clusters.
     #[command(flatten)]
     pub kube: KubeconfigArgs,
@@ -67,12 +94,38 @@ pub struct ConnectArgs {
 /// Arguments of `meshctl disconnect`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Examples:
-  meshctl disconnect east west --wait")]
+  meshctl disconnect east west --wait
+  meshctl disconnect --context kind-east --destination-context kind-west   # Kubernetes")]
 pub struct DisconnectArgs {
     /// One cluster (a context of the admin kubeconfig).
-    pub a: String,
+    #[arg(required_unless_present = "context")]
+    pub a: Option<String>,
     /// The other cluster.
-    pub b: String,
+    #[arg(required_unless_present = "context")]
+    pub b: Option<String>,
+    /// Kubernetes mode: the kubeconfig context of one cluster (instead of the two names).
+    #[arg(long, requires = "destination_context", conflicts_with_all = ["a", "b"])]
+    pub context: Option<String>,
+    /// Kubernetes mode: the kubeconfig context of the other cluster.
+    #[arg(long, requires = "context")]
+    pub destination_context: Option<String>,
+    /// Kubernetes mode: kubeconfig file(s) holding the contexts (':'-separated, like
+    /// $KUBECONFIG).
+    #[arg(
+        long = "kube-config",
+        env = "KUBECONFIG",
+        value_delimiter = ':',
+        default_value = "~/.kube/config"
+    )]
+    pub kube_config: Vec<PathBuf>,
+    /// Kubernetes mode: the namespace meshd is installed in.
+    #[arg(long, default_value = "meshd")]
+    pub namespace: String,
+    /// Kubernetes mode: the name to verify the clustermesh etcd's certificate against
+    /// (default `clustermesh-apiserver.<namespace>.svc`, the chart's certificate).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+
     /// Which kubeconfig(s) name the clusters.
     #[command(flatten)]
     pub kube: KubeconfigArgs,
@@ -102,11 +155,12 @@ struct PairReport {
     waiting_for: Vec<String>,
 }
 
-/// One side of a pair, opened: its etcd as root and its CA.
-pub(super) struct Side<'a> {
-    pub(super) admin: &'a ClusterAdmin,
+/// One side of a pair, opened: its etcd as root, its CA, where its peer credentials live.
+pub(super) struct Side {
+    pub(super) admin: ClusterAdmin,
     etcd: Client,
     ca: CertificateAuthority,
+    peers: PeerStore,
 }
 
 fn fail(msg: impl Into<String>) -> CtlError {
@@ -186,14 +240,109 @@ async fn probe(admin: &ClusterAdmin) -> Result<(), CtlError> {
 }
 
 /// Reaches `admin`'s etcd as root and loads its CA.
-pub(super) async fn open(admin: &ClusterAdmin) -> Result<Side<'_>, CtlError> {
+pub(super) async fn open(admin: &ClusterAdmin) -> Result<Side, CtlError> {
     let ca = admin.ca()?;
     probe(admin).await?;
     let etcd = admin.etcd().await?;
-    Ok(Side { admin, etcd, ca })
+    Ok(Side {
+        admin: admin.clone(),
+        etcd,
+        ca,
+        peers: PeerStore::Dir(admin.ext.peers_dir.clone()),
+    })
 }
 
-async fn has_user(side: &Side<'_>, user: &str) -> Result<bool, CtlError> {
+/// Kubernetes mode: reads a cluster's meshd installation through its API (`context` of one of
+/// `files`): config, CA, the clustermesh endpoint; then reaches its etcd as `root` with a
+/// short-lived certificate from that CA.
+async fn open_kube(
+    files: &[PathBuf],
+    context: &str,
+    namespace: &str,
+    tls_server_name: Option<&str>,
+) -> Result<Side, CtlError> {
+    let kerr =
+        |e: &crate::kube::KubeError| fail(format!("context {context}: {}", super::error_chain(e)));
+    let mut found = None;
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        if kube_client::config::Kubeconfig::from_yaml(&text)
+            .is_ok_and(|kc| kc.contexts.iter().any(|c| c.name == context))
+        {
+            found = Some((f.clone(), text));
+            break;
+        }
+    }
+    let (file, text) = found.ok_or_else(|| {
+        fail(format!(
+            "no context {context:?} in {}",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let what = file.display().to_string();
+    let client = crate::kube::client_from_kubeconfig_yaml(&what, &text, Some(context))
+        .await
+        .map_err(|e| kerr(&e))?;
+    let config = crate::kube::read_cluster_config(&client, namespace)
+        .await
+        .map_err(|e| kerr(&e))?;
+    let (ca_pem, ca_key) = crate::kube::read_ca(&client, namespace)
+        .await
+        .map_err(|e| kerr(&e))?;
+    let endpoint = crate::kube::clustermesh_endpoint(&client, namespace, None)
+        .await
+        .map_err(|e| kerr(&e))?;
+    let ca = CertificateAuthority::from_pem(&ca_pem, &ca_key).map_err(|source| CtlError::Cert {
+        context: format!("the CA of context {context} (Secret {namespace}/meshd-ca)"),
+        source,
+    })?;
+    let root = ca
+        .issue(&CertRequest::client("root").with_validity(Duration::from_secs(3600)))
+        .map_err(|source| CtlError::Cert {
+            context: format!("issuing a root client certificate for context {context}"),
+            source,
+        })?;
+    let admin = ClusterAdmin {
+        cred: PeerCredential {
+            name: config.name,
+            cluster_id: config.id,
+            max_connected_clusters: config.max_connected_clusters,
+            server: endpoint.url(),
+            ca_pem,
+            cert_pem: root.cert_pem,
+            key_pem: root.key_pem,
+            tls_server_name: Some(
+                tls_server_name.map_or_else(|| endpoint.tls_server_name.clone(), str::to_owned),
+            ),
+        },
+        ext: super::admin::AdminExtension {
+            peers_dir: PathBuf::new(),
+            ca_key: PathBuf::new(),
+            apiserver_grpc: None,
+            agent_grpc: None,
+        },
+        file,
+    };
+    probe(&admin).await?;
+    let etcd = admin.etcd().await?;
+    Ok(Side {
+        admin,
+        etcd,
+        ca,
+        peers: PeerStore::Secrets {
+            client,
+            namespace: namespace.to_owned(),
+        },
+    })
+}
+
+async fn has_user(side: &Side, user: &str) -> Result<bool, CtlError> {
     let mut c = side.etcd.clone();
     let list = c.user_list().await.map_err(|e| {
         fail(format!(
@@ -206,7 +355,7 @@ async fn has_user(side: &Side<'_>, user: &str) -> Result<bool, CtlError> {
 }
 
 /// Everything that must hold before `a` and `b` are linked; changes nothing.
-async fn check_pair(a: &Side<'_>, b: &Side<'_>) -> Result<(), CtlError> {
+async fn check_pair(a: &Side, b: &Side) -> Result<(), CtlError> {
     let (ca, cb) = (&a.admin.cred, &b.admin.cred);
     if ca.name == cb.name {
         return Err(fail(format!(
@@ -260,17 +409,13 @@ async fn check_pair(a: &Side<'_>, b: &Side<'_>) -> Result<(), CtlError> {
                 )));
             }
         }
-        for peer in s.admin.configured_peers()?.into_iter().flatten() {
+        for peer in s.peers.list().await?.into_iter().flatten() {
             if peer.name == other.name {
                 return Err(fail(format!(
                     "{} and {} are already connected ({} exists); run `meshctl disconnect {} {}` first",
                     me.name,
                     other.name,
-                    s.admin
-                        .ext
-                        .peers_dir
-                        .join(PeerCredential::file_name(&other.name))
-                        .display(),
+                    s.peers.location(&other.name),
                     me.name,
                     other.name
                 )));
@@ -298,8 +443,8 @@ enum Undo {
         side: usize,
         user: String,
     },
-    File {
-        dir: PathBuf,
+    Peer {
+        side: usize,
         peer: crate::model::ClusterName,
     },
 }
@@ -307,8 +452,8 @@ enum Undo {
 /// Checks and links `a` and `b` both ways; on failure undoes what it did. Returns the steps
 /// taken, for output.
 pub(super) async fn connect_pair(
-    a: &Side<'_>,
-    b: &Side<'_>,
+    a: &Side,
+    b: &Side,
     validity: Duration,
 ) -> Result<Vec<String>, CtlError> {
     check_pair(a, b).await?;
@@ -345,16 +490,12 @@ pub(super) async fn connect_pair(
                 key_pem: cert.key_pem,
                 tls_server_name: oc.tls_server_name.clone(),
             };
-            let dir = &r.admin.ext.peers_dir;
-            let path = write_peer_file(dir, &cred, &user).map_err(|source| CtlError::Read {
-                path: dir.join(PeerCredential::file_name(&oc.name)),
-                source,
-            })?;
-            done.push(Undo::File {
-                dir: dir.clone(),
+            let path = r.peers.write(&cred, &user).await?;
+            done.push(Undo::Peer {
+                side: reader,
                 peer: oc.name.clone(),
             });
-            steps.push(format!("wrote {}", path.display()));
+            steps.push(format!("wrote {path}"));
         }
         Ok(())
     }
@@ -365,8 +506,8 @@ pub(super) async fn connect_pair(
                 Undo::User { side, user } => {
                     let _ = sides[side].etcd.clone().user_delete(user.as_str()).await;
                 }
-                Undo::File { dir, peer } => {
-                    let _ = remove_peer_file(&dir, &peer);
+                Undo::Peer { side, peer } => {
+                    let _ = sides[side].peers.remove(&peer).await;
                 }
             }
         }
@@ -376,7 +517,7 @@ pub(super) async fn connect_pair(
 }
 
 /// Removes both credentials and revokes both users. Errors if there was nothing to remove.
-async fn disconnect_pair(a: &Side<'_>, b: &Side<'_>) -> Result<Vec<String>, CtlError> {
+async fn disconnect_pair(a: &Side, b: &Side) -> Result<Vec<String>, CtlError> {
     if a.admin.name() == b.admin.name() {
         return Err(fail(format!(
             "{} cannot be disconnected from itself",
@@ -386,17 +527,8 @@ async fn disconnect_pair(a: &Side<'_>, b: &Side<'_>) -> Result<Vec<String>, CtlE
     let mut steps = Vec::new();
     // Files first: apiservers and agents stop reading the peer before its user goes.
     for (s, o) in [(a, b), (b, a)] {
-        let dir = &s.admin.ext.peers_dir;
-        let removed = remove_peer_file(dir, o.admin.name()).map_err(|source| CtlError::Read {
-            path: dir.join(PeerCredential::file_name(o.admin.name())),
-            source,
-        })?;
-        if removed {
-            steps.push(format!(
-                "removed {}",
-                dir.join(PeerCredential::file_name(o.admin.name()))
-                    .display()
-            ));
+        if s.peers.remove(o.admin.name()).await? {
+            steps.push(format!("removed {}", s.peers.location(o.admin.name())));
         }
     }
     for (s, o) in [(a, b), (b, a)] {
@@ -546,21 +678,98 @@ fn write_report(out: &mut impl Write, r: &PairReport) -> std::io::Result<()> {
     }
 }
 
+/// The two sides a command names: admin-kubeconfig clusters, or Kubernetes contexts.
+async fn open_pair(
+    names: (Option<&String>, Option<&String>),
+    kube: &KubeconfigArgs,
+    contexts: (Option<&String>, Option<&String>),
+    kube_config: &[PathBuf],
+    namespace: &str,
+    tls_server_name: Option<&str>,
+) -> Result<(Side, Side), CtlError> {
+    if let (Some(ca), Some(cb)) = contexts {
+        let files: Vec<PathBuf> = kube_config.iter().map(|f| expand_home(f)).collect();
+        let a = open_kube(&files, ca, namespace, tls_server_name).await?;
+        let b = open_kube(&files, cb, namespace, tls_server_name).await?;
+        return Ok((a, b));
+    }
+    let (Some(na), Some(nb)) = names else {
+        return Err(fail(
+            "name two clusters (or --context and --destination-context)",
+        ));
+    };
+    let admins = admin::load(&kube.files())?;
+    let a = open(admin::select(&admins, na)?).await?;
+    let b = open(admin::select(&admins, nb)?).await?;
+    Ok((a, b))
+}
+
+fn expand_home(p: &std::path::Path) -> PathBuf {
+    match (p.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => p.to_owned(),
+    }
+}
+
+/// Kubernetes mode's `--wait`: each side's kvstoremesh has mirrored the other (`present`) or
+/// dropped its mirror (`!present`), read from the side's etcd.
+async fn wait_mirrors(a: &Side, b: &Side, timeout: Duration, present: bool) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut waiting = Vec::new();
+        for (s, o) in [(a, b), (b, a)] {
+            let mut c = s.etcd.clone();
+            for kind in crate::keys::StateKind::ALL {
+                let key = crate::keys::Key::CacheSynced {
+                    cluster: o.admin.name().clone(),
+                    kind,
+                }
+                .to_string();
+                let there = c
+                    .get(key.as_str(), None)
+                    .await
+                    .is_ok_and(|r| !r.kvs().is_empty());
+                if there != present {
+                    waiting.push(format!(
+                        "{}'s kvstoremesh {} {} {kind}",
+                        s.admin.name(),
+                        if present {
+                            "has not mirrored"
+                        } else {
+                            "still mirrors"
+                        },
+                        o.admin.name()
+                    ));
+                }
+            }
+        }
+        if waiting.is_empty() || Instant::now() >= deadline {
+            return waiting;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// `meshctl connect`.
 pub(super) fn connect(args: &ConnectArgs, out: &mut impl Write) -> Result<Status, CtlError> {
-    let admins = admin::load(&args.kube.files())?;
-    let (a, b) = (
-        admin::select(&admins, &args.a)?,
-        admin::select(&admins, &args.b)?,
-    );
     runtime()?.block_on(async {
-        let (sa, sb) = (open(a).await?, open(b).await?);
+        let (sa, sb) = Box::pin(open_pair(
+            (args.a.as_ref(), args.b.as_ref()),
+            &args.kube,
+            (args.context.as_ref(), args.destination_context.as_ref()),
+            &args.kube_config,
+            &args.namespace,
+            args.tls_server_name.as_deref(),
+        ))
+        .await?;
         let steps = connect_pair(&sa, &sb, args.validity).await?;
-        let waiting = if args.wait {
-            Some(
+        let waiting = match (args.wait, args.context.is_some()) {
+            (false, _) => None,
+            (true, true) => Some(wait_mirrors(&sa, &sb, args.timeout, true).await),
+            (true, false) => Some(
                 wait_pair(
-                    a,
-                    b,
+                    &sa.admin,
+                    &sb.admin,
                     args.timeout,
                     "both agents report each other ready",
                     |p| {
@@ -569,35 +778,54 @@ pub(super) fn connect(args: &ConnectArgs, out: &mut impl Write) -> Result<Status
                     },
                 )
                 .await,
-            )
-        } else {
-            None
+            ),
         };
-        finish(args.output, out, [a, b], "connected", steps, waiting)
+        finish(
+            args.output,
+            out,
+            [&sa.admin, &sb.admin],
+            "connected",
+            steps,
+            waiting,
+        )
     })
 }
 
 /// `meshctl disconnect`.
 pub(super) fn disconnect(args: &DisconnectArgs, out: &mut impl Write) -> Result<Status, CtlError> {
-    let admins = admin::load(&args.kube.files())?;
-    let (a, b) = (
-        admin::select(&admins, &args.a)?,
-        admin::select(&admins, &args.b)?,
-    );
     runtime()?.block_on(async {
-        let (sa, sb) = (open(a).await?, open(b).await?);
+        let (sa, sb) = Box::pin(open_pair(
+            (args.a.as_ref(), args.b.as_ref()),
+            &args.kube,
+            (args.context.as_ref(), args.destination_context.as_ref()),
+            &args.kube_config,
+            &args.namespace,
+            args.tls_server_name.as_deref(),
+        ))
+        .await?;
         let steps = disconnect_pair(&sa, &sb).await?;
-        let waiting = if args.wait {
-            Some(
-                wait_pair(a, b, args.timeout, "neither agent lists the other", |p| {
-                    p.is_none()
-                })
+        let waiting = match (args.wait, args.context.is_some()) {
+            (false, _) => None,
+            (true, true) => Some(wait_mirrors(&sa, &sb, args.timeout, false).await),
+            (true, false) => Some(
+                wait_pair(
+                    &sa.admin,
+                    &sb.admin,
+                    args.timeout,
+                    "neither agent lists the other",
+                    |p| p.is_none(),
+                )
                 .await,
-            )
-        } else {
-            None
+            ),
         };
-        finish(args.output, out, [a, b], "disconnected", steps, waiting)
+        finish(
+            args.output,
+            out,
+            [&sa.admin, &sb.admin],
+            "disconnected",
+            steps,
+            waiting,
+        )
     })
 }
 

@@ -7,6 +7,7 @@ mod diagnose;
 mod etcd_auth;
 mod observe;
 mod output;
+mod peerstore;
 mod policy;
 mod status;
 mod up;
