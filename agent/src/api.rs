@@ -343,7 +343,23 @@ impl DropStream {
             .entry(ifindex)
             .or_insert_with(|| interface_name(ifindex).unwrap_or_else(|| ifindex.to_string()))
             .clone();
-        drop_to_proto(ev, &ids, &names, interface, time::OffsetDateTime::now_utc())
+        drop_to_proto(ev, &ids, &names, interface, wall_time(ev.timestamp_ns))
+    }
+}
+
+/// The wall-clock time of a kernel `bpf_ktime_get_ns()` stamp (CLOCK_MONOTONIC): now minus
+/// the event's age on the monotonic clock.
+fn wall_time(ktime_ns: u64) -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc();
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => {
+            let mono = u64::try_from(ts.tv_sec())
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::try_from(ts.tv_nsec()).unwrap_or(0));
+            now - std::time::Duration::from_nanos(mono.saturating_sub(ktime_ns))
+        }
+        Err(_) => now,
     }
 }
 

@@ -376,6 +376,26 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
         .iter()
         .find(|e| e["source"]["ip"] == api.ip.to_string() && e["destination"]["port"] == 5433)
         .unwrap_or_else(|| panic!("no api → :5433 event in {events:#?}"));
+    // Drops carry the time they happened (the kernel stamp), not the time of the query.
+    let times: std::collections::BTreeSet<i64> = events
+        .iter()
+        .filter_map(|e| e["timeUnixMs"].as_i64())
+        .collect();
+    assert!(
+        events.len() < 2 || times.len() > 1,
+        "every drop has the same time: {events:#?}"
+    );
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    assert!(
+        times.iter().all(|t| *t <= now_ms && now_ms - *t < 120_000),
+        "drop times not within the last two minutes: {times:?} (now {now_ms})"
+    );
     assert_eq!(e["source"]["cluster"], "west", "{e}");
     assert_eq!(e["destination"]["cluster"], "east", "{e}");
     assert_eq!(e["destination"]["ip"], db.ip.to_string(), "{e}");
