@@ -507,9 +507,16 @@ impl Datapath for AyaDatapath {
     }
 
     fn apply(&mut self, changes: &[Change]) -> Result<(), DatapathError> {
-        let mut planner = self.planner.clone();
-        let ops = planner.plan(changes)?;
-        self.planner = planner;
+        // A batch that cannot fail is planned in place (no copy of the planner per call);
+        // one that might is planned on a copy, so a rejected batch leaves no trace.
+        let ops = if self.planner.may_fail(changes) {
+            let mut planner = self.planner.clone();
+            let ops = planner.plan(changes)?;
+            self.planner = planner;
+            ops
+        } else {
+            self.planner.plan(changes)?
+        };
         for op in ops {
             if let Err(e) = self.write(op) {
                 // The planner ran ahead of the maps: rebuild it from what is there.

@@ -172,6 +172,22 @@ impl Planner {
     }
 
     /// Plans a batch. The planner's state advances as if every op succeeded.
+    /// Whether planning `changes` could fail part-way (only by running out of backend ids,
+    /// when the batch may need more than are left). Callers plan on a copy only then, so
+    /// the common case costs no copy of the planner.
+    pub fn may_fail(&self, changes: &[Change]) -> bool {
+        let new: usize = changes
+            .iter()
+            .map(|c| match c {
+                Change::UpsertService { backends, .. } => backends.len(),
+                _ => 0,
+            })
+            .sum();
+        self.addrs.len().saturating_add(new) >= (u32::MAX - 1) as usize
+    }
+
+    /// Map writes turning the current state into the one after `changes`. On `Err` the
+    /// planner may be part-way: plan on a copy when [`Planner::may_fail`] says so.
     pub fn plan(&mut self, changes: &[Change]) -> Result<Vec<MapOp>, DatapathError> {
         let mut ops = Vec::new();
         for c in changes {

@@ -110,10 +110,16 @@ impl Datapath for RecordingDatapath {
     }
 
     fn apply(&mut self, changes: &[Change]) -> Result<(), DatapathError> {
-        // Plan on a copy so a rejected batch leaves no trace, like a failed validation.
-        let mut planner = self.planner.clone();
-        let ops = planner.plan(changes)?;
-        self.planner = planner;
+        // A batch that cannot fail is planned in place (no copy of the planner per call);
+        // one that might is planned on a copy, so a rejected batch leaves no trace.
+        let ops = if self.planner.may_fail(changes) {
+            let mut planner = self.planner.clone();
+            let ops = planner.plan(changes)?;
+            self.planner = planner;
+            ops
+        } else {
+            self.planner.plan(changes)?
+        };
         for op in ops {
             self.write(op);
         }
