@@ -1,12 +1,14 @@
-//! `meshctl observe` end to end: the policy program drops real packets, the syncer reads
-//! them from the ring buffer, the agent's gRPC API (real mTLS) streams them, and the real
+//! Policy enforcement and `meshctl observe` end to end: a MeshNetworkPolicy exported by
+//! east's apiserver path goes through the agent's policy task (engine) into the syncer; the
+//! policy program drops real packets, the syncer reads them from the ring buffer, the agent's gRPC API (real mTLS) streams them, and the real
 //! `meshctl` binary, addressing the agent through an admin kubeconfig, prints them with
 //! identities resolved to labels and cluster names.
 //!
 //! ```text
 //!  west pods api (app=api), batch (app=batch) ──TCP/UDP──► east pod db (app=db)
 //!     tc on db's host veth: ingress enforced, only west app=api → 5432/TCP allowed
-//!  east agent: merged view (east + west etcd) ─► Syncer(AyaDatapath, PolicySnapshot)
+//!  east etcd mesh/policies/v1/east/shop/db-allow-api ─► agent policy task (engine)
+//!  east agent: merged view (east + west etcd) ─► Syncer(AyaDatapath, policy snapshots)
 //!     ─► SyncHandles ─► AgentApi ObserveDrops over mTLS ◄── meshctl observe --kubeconfig
 //! ```
 //!
@@ -18,15 +20,12 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use clustermesh_apiserver::source::Object;
 use mesh_agent::api::AgentApi;
 use mesh_agent::datapath::iface::RouteResolver;
-use mesh_agent::datapath::sync::{
-    DatapathMetrics, Enforcement, PolicyAction, PolicySnapshot, SyncConfig, SyncInputs, Syncer,
-};
+use mesh_agent::datapath::sync::{DatapathMetrics, Enforcement, SyncConfig, SyncInputs, Syncer};
 use mesh_agent::datapath::{AyaConfig, AyaDatapath, Direction, PolicyRule, Verdict, abi};
 use mesh_agent::runtime::PeerAccess;
 use mesh_certs::{CertRequest, CertificateAuthority};
@@ -40,7 +39,6 @@ use meshd::ctl::admin::{AdminEntry, AdminExtension, write_kubeconfig};
 use meshd::model::MaxConnectedClusters;
 use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -156,13 +154,28 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
     let batch = lab.pod("bt", west_ip(41));
     let _db = server(&db);
 
-    let east_objects = vec![Object::Pod(Box::new(pod(
-        "shop",
-        "db-0",
-        &[("app", "db")],
-        db.ip,
-        "node-e",
-    )))];
+    // Only app=api of west may reach app=db on 5432/TCP (db becomes default-deny ingress).
+    let policy: meshd::model::MeshNetworkPolicy = serde_json::from_value(serde_json::json!({
+        "namespace": "shop", "name": "db-allow-api",
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{
+                "fromEndpoints": [{"matchLabels": {"app": "api", "io.meshd.cluster": "west"}}],
+                "toPorts": [{"port": 5432, "protocol": "TCP"}]
+            }]
+        }
+    }))
+    .unwrap();
+    let east_objects = vec![
+        Object::Pod(Box::new(pod(
+            "shop",
+            "db-0",
+            &[("app", "db")],
+            db.ip,
+            "node-e",
+        ))),
+        Object::Policy(policy),
+    ];
     let west_objects = vec![
         Object::Pod(Box::new(pod(
             "shop",
@@ -209,31 +222,40 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
         "distinct identities: {ids:?}"
     );
 
-    // The policy engine's output: db is ingress-enforced; west's app=api may reach 5432/TCP.
-    let policy = PolicySnapshot {
-        generation: 1,
-        enforce: BTreeMap::from([(
-            db_id,
-            Enforcement {
-                ingress: true,
-                egress: false,
-            },
-        )]),
-        rules: BTreeMap::from([(
-            PolicyRule {
-                endpoint_id: db_id,
-                identity: api_id,
-                port: 5432,
-                proto: abi::PROTO_TCP,
-                direction: Direction::Ingress,
-            },
-            PolicyAction {
-                verdict: Verdict::Allow,
-                rule_id: 1,
-            },
-        )]),
+    // The agent's policy task: the exported policy + the view → the engine's snapshots.
+    let policy_stop = CancellationToken::new();
+    let (policy, _policy_task) = mesh_agent::policy::start(
+        east.store.clone(),
+        east.name.clone(),
+        h.identities.clone(),
+        h.ipcache.clone(),
+        meshd::metrics::ReflectorMetrics::default(),
+        policy_stop.clone(),
+    );
+    let expected = PolicyRule {
+        endpoint_id: db_id,
+        identity: api_id,
+        port: 5432,
+        proto: abi::PROTO_TCP,
+        direction: Direction::Ingress,
     };
-    let (_policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    let mut snaps = policy.snapshots.clone();
+    eventually(
+        "the engine allows west api → db 5432/TCP",
+        CONVERGE,
+        async || {
+            let s = snaps.borrow_and_update().clone();
+            s.rules.keys().eq([&expected])
+                && s.rules[&expected].verdict == Verdict::Allow
+                && s.enforce.get(&db_id)
+                    == Some(&Enforcement {
+                        ingress: true,
+                        egress: false,
+                    })
+        },
+    )
+    .await;
+    let policy_rx = policy.snapshots.clone();
 
     // The east agent's datapath and syncer.
     let pins = Bpffs::new();
