@@ -313,7 +313,7 @@ fn main() {
         ours_perf.p99_ms / unbound_perf.p99_ms.max(1e-9)
     );
     println!(
-        "(RSS: growth of this process from before our server started to after its 10k-name index was built; for Unbound, its RSS with the 10k local-data minus its RSS with none)"
+        "(RSS: growth of this process from before our server started to after its run; for Unbound, its RSS with the 10k local-data after its run minus a fresh instance's with none)"
     );
     stop.cancel();
     drop(tx);
