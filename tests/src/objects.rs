@@ -127,3 +127,36 @@ pub fn endpoint_slice(ns: &str, name: &str, svc: &str, ips: &[Ipv4Addr]) -> Endp
         }]),
     }
 }
+
+/// Cluster `c`'s small standard state: node `node-<c>` (pods 198.18.<c>.0/24), two
+/// `app=web` pods `web-<c>-0/1` at 198.18.<c>.11 and .12, and the global service `shop/web`
+/// (ClusterIP 198.19.<c>.10, port 80 → 8080) with its EndpointSlice.
+pub fn web_cluster(c: u8) -> Vec<clustermesh_apiserver::source::Object> {
+    use clustermesh_apiserver::source::Object;
+    let node_name = format!("node-{c}");
+    let pods = [Ipv4Addr::new(198, 18, c, 11), Ipv4Addr::new(198, 18, c, 12)];
+    let mut v = vec![Object::Node(Box::new(node(
+        &node_name,
+        Ipv4Addr::new(198, 19, 0, c),
+        &format!("198.18.{c}.0/24"),
+    )))];
+    for (i, a) in pods.iter().enumerate() {
+        v.push(Object::Pod(Box::new(pod(
+            "shop",
+            &format!("web-{c}-{i}"),
+            &[("app", "web")],
+            *a,
+            &node_name,
+        ))));
+    }
+    v.push(Object::Service(Box::new(service(
+        "shop",
+        "web",
+        Ipv4Addr::new(198, 19, c, 10),
+        true,
+    ))));
+    v.push(Object::EndpointSlice(Box::new(endpoint_slice(
+        "shop", "web-x", "web", &pods,
+    ))));
+    v
+}

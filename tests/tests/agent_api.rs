@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use clustermesh_apiserver::api::ClusterMeshApi;
 use clustermesh_apiserver::export::ExportConfig;
-use clustermesh_apiserver::source::Object;
 use mesh_agent::api::{self, AgentApi};
 use mesh_agent::metrics::{self, AgentMetrics};
 use mesh_agent::runtime::PeerAccess;
@@ -20,7 +19,7 @@ use mesh_proto::v1::{
     ClusterStatus, GetStatusRequest, ListIdentitiesRequest, ListIpCacheRequest, ListServicesRequest,
 };
 use mesh_tests::mesh::{TestCluster, connect, supervisor_config};
-use mesh_tests::objects::{endpoint_slice, node, pod, service};
+use mesh_tests::objects::web_cluster;
 use mesh_tests::util::{ChildGuard, HttpResponse, free_port, http_get};
 use mesh_tests::{bin_path, init_tracing};
 use meshd::model::{ClusterName, MaxConnectedClusters};
@@ -34,36 +33,6 @@ const CALL: Duration = Duration::from_secs(10);
 
 fn ip(c: u8, i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, c, i)
-}
-
-/// One node, two `web` pods and the global service `shop/web` backed by them.
-fn objects(c: u8) -> Vec<Object> {
-    let node_name = format!("node-{c}");
-    let pods = [ip(c, 11), ip(c, 12)];
-    let mut v = vec![Object::Node(Box::new(node(
-        &node_name,
-        Ipv4Addr::new(198, 19, 0, c),
-        &format!("198.18.{c}.0/24"),
-    )))];
-    for (i, a) in pods.iter().enumerate() {
-        v.push(Object::Pod(Box::new(pod(
-            "shop",
-            &format!("web-{c}-{i}"),
-            &[("app", "web")],
-            *a,
-            &node_name,
-        ))));
-    }
-    v.push(Object::Service(Box::new(service(
-        "shop",
-        "web",
-        Ipv4Addr::new(198, 19, c, 10),
-        true,
-    ))));
-    v.push(Object::EndpointSlice(Box::new(endpoint_slice(
-        "shop", "web-x", "web", &pods,
-    ))));
-    v
 }
 
 /// A server certificate for 127.0.0.1 / localhost.
@@ -102,10 +71,10 @@ async fn eventually<T, F: AsyncFnMut() -> Option<T>>(what: &str, f: F) -> T {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_api_over_mtls_with_two_clusters() {
     init_tracing();
-    let mut east = Box::pin(TestCluster::start("east", 1, objects(1)))
+    let mut east = Box::pin(TestCluster::start("east", 1, web_cluster(1)))
         .await
         .unwrap();
-    let mut west = Box::pin(TestCluster::start("west", 2, objects(2)))
+    let mut west = Box::pin(TestCluster::start("west", 2, web_cluster(2)))
         .await
         .unwrap();
     connect(&east, &west).await.unwrap();
@@ -370,7 +339,7 @@ async fn agent_api_over_mtls_with_two_clusters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_agent_binary_becomes_ready_and_stops_on_sigterm() {
     init_tracing();
-    let east = Box::pin(TestCluster::start("east", 1, objects(1)))
+    let east = Box::pin(TestCluster::start("east", 1, web_cluster(1)))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -488,7 +457,7 @@ async fn mesh_agent_binary_becomes_ready_and_stops_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_lists_its_exported_ipcache() {
     init_tracing();
-    let east = Box::pin(TestCluster::start("east", 1, objects(1)))
+    let east = Box::pin(TestCluster::start("east", 1, web_cluster(1)))
         .await
         .unwrap();
     let ca = CertificateAuthority::generate("east-ca", Duration::from_secs(86_400)).unwrap();

@@ -12,40 +12,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_agent::dns::{Bound, DnsConfig, DnsMetrics, serve};
 use mesh_agent::runtime::PeerAccess;
 use mesh_tests::mesh::{TestCluster, connect};
-use mesh_tests::objects::{endpoint_slice, node, pod, service};
+use mesh_tests::objects::{endpoint_slice, pod, service, web_cluster};
 use tokio_util::sync::CancellationToken;
 
 fn ip(c: u8, i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, c, i)
-}
-
-fn web(c: u8) -> Vec<Object> {
-    let node_name = format!("node-{c}");
-    let pods = [ip(c, 11), ip(c, 12)];
-    let mut v = vec![Object::Node(Box::new(node(
-        &node_name,
-        Ipv4Addr::new(198, 18, 0, c),
-        &format!("198.18.{c}.0/24"),
-    )))];
-    for (i, a) in pods.iter().enumerate() {
-        v.push(Object::Pod(Box::new(pod(
-            "shop",
-            &format!("web-{c}-{i}"),
-            &[("app", "web")],
-            *a,
-            &node_name,
-        ))));
-    }
-    v.push(Object::Service(Box::new(service(
-        "shop",
-        "web",
-        Ipv4Addr::new(198, 19, c, 10),
-        true,
-    ))));
-    v.push(Object::EndpointSlice(Box::new(endpoint_slice(
-        "shop", "web-x", "web", &pods,
-    ))));
-    v
 }
 
 /// West's headless `shop/db`: `db-0` has a hostname, the second endpoint only a pod
@@ -122,12 +93,16 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_answers_from_a_two_cluster_mesh() {
     mesh_tests::init_tracing();
-    let mut east = Box::pin(TestCluster::start("east", 1, web(1)))
+    let mut east = Box::pin(TestCluster::start("east", 1, web_cluster(1)))
         .await
         .unwrap();
-    let mut west = Box::pin(TestCluster::start("west", 2, [web(2), db(2)].concat()))
-        .await
-        .unwrap();
+    let mut west = Box::pin(TestCluster::start(
+        "west",
+        2,
+        [web_cluster(2), db(2)].concat(),
+    ))
+    .await
+    .unwrap();
     Box::pin(connect(&east, &west)).await.unwrap();
     for c in [&mut east, &mut west] {
         c.start_kvstoremesh();

@@ -38,13 +38,10 @@ use crate::peers::PeerCredential;
 const POLL: Duration = Duration::from_millis(250);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Arguments of `meshctl connect`.
+/// The two clusters of `connect`/`disconnect`: names in the admin kubeconfig, or
+/// Kubernetes contexts.
 #[derive(Debug, Clone, Args)]
-#[command(after_help = "Examples:
-  meshctl connect east west --wait
-  meshctl connect east north --kubeconfig a/kubeconfig:b/kubeconfig -o json
-  meshctl connect --context kind-east --destination-context kind-west --wait   # Kubernetes")]
-pub struct ConnectArgs {
+pub struct PairArgs {
     /// One cluster (a context of the admin kubeconfig).
     #[arg(required_unless_present = "context")]
     pub a: Option<String>,
@@ -77,6 +74,18 @@ pub struct ConnectArgs {
     /// Which kubeconfig(s) name the clusters.
     #[command(flatten)]
     pub kube: KubeconfigArgs,
+}
+
+/// Arguments of `meshctl connect`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:
+  meshctl connect east west --wait
+  meshctl connect east north --kubeconfig a/kubeconfig:b/kubeconfig -o json
+  meshctl connect --context kind-east --destination-context kind-west --wait   # Kubernetes")]
+pub struct ConnectArgs {
+    /// The two clusters.
+    #[command(flatten)]
+    pub pair: PairArgs,
     /// Wait until both agents report each other connected and synced.
     #[arg(long)]
     pub wait: bool,
@@ -97,38 +106,9 @@ pub struct ConnectArgs {
   meshctl disconnect east west --wait
   meshctl disconnect --context kind-east --destination-context kind-west   # Kubernetes")]
 pub struct DisconnectArgs {
-    /// One cluster (a context of the admin kubeconfig).
-    #[arg(required_unless_present = "context")]
-    pub a: Option<String>,
-    /// The other cluster.
-    #[arg(required_unless_present = "context")]
-    pub b: Option<String>,
-    /// Kubernetes mode: the kubeconfig context of one cluster (instead of the two names).
-    #[arg(long, requires = "destination_context", conflicts_with_all = ["a", "b"])]
-    pub context: Option<String>,
-    /// Kubernetes mode: the kubeconfig context of the other cluster.
-    #[arg(long, requires = "context")]
-    pub destination_context: Option<String>,
-    /// Kubernetes mode: kubeconfig file(s) holding the contexts (':'-separated, like
-    /// $KUBECONFIG).
-    #[arg(
-        long = "kube-config",
-        env = "KUBECONFIG",
-        value_delimiter = ':',
-        default_value = "~/.kube/config"
-    )]
-    pub kube_config: Vec<PathBuf>,
-    /// Kubernetes mode: the namespace meshd is installed in.
-    #[arg(long, default_value = "meshd")]
-    pub namespace: String,
-    /// Kubernetes mode: the name to verify the clustermesh etcd's certificate against
-    /// (default `clustermesh-apiserver.<namespace>.svc`, the chart's certificate).
-    #[arg(long)]
-    pub tls_server_name: Option<String>,
-
-    /// Which kubeconfig(s) name the clusters.
+    /// The two clusters.
     #[command(flatten)]
-    pub kube: KubeconfigArgs,
+    pub pair: PairArgs,
     /// Wait until neither agent lists the other any more.
     #[arg(long)]
     pub wait: bool,
@@ -679,26 +659,20 @@ fn write_report(out: &mut impl Write, r: &PairReport) -> std::io::Result<()> {
 }
 
 /// The two sides a command names: admin-kubeconfig clusters, or Kubernetes contexts.
-async fn open_pair(
-    names: (Option<&String>, Option<&String>),
-    kube: &KubeconfigArgs,
-    contexts: (Option<&String>, Option<&String>),
-    kube_config: &[PathBuf],
-    namespace: &str,
-    tls_server_name: Option<&str>,
-) -> Result<(Side, Side), CtlError> {
-    if let (Some(ca), Some(cb)) = contexts {
-        let files: Vec<PathBuf> = kube_config.iter().map(|f| expand_home(f)).collect();
-        let a = open_kube(&files, ca, namespace, tls_server_name).await?;
-        let b = open_kube(&files, cb, namespace, tls_server_name).await?;
+async fn open_pair(p: &PairArgs) -> Result<(Side, Side), CtlError> {
+    if let (Some(ca), Some(cb)) = (&p.context, &p.destination_context) {
+        let files: Vec<PathBuf> = p.kube_config.iter().map(|f| expand_home(f)).collect();
+        let tls = p.tls_server_name.as_deref();
+        let a = open_kube(&files, ca, &p.namespace, tls).await?;
+        let b = open_kube(&files, cb, &p.namespace, tls).await?;
         return Ok((a, b));
     }
-    let (Some(na), Some(nb)) = names else {
+    let (Some(na), Some(nb)) = (&p.a, &p.b) else {
         return Err(fail(
             "name two clusters (or --context and --destination-context)",
         ));
     };
-    let admins = admin::load(&kube.files())?;
+    let admins = admin::load(&p.kube.files())?;
     let a = open(admin::select(&admins, na)?).await?;
     let b = open(admin::select(&admins, nb)?).await?;
     Ok((a, b))
@@ -753,17 +727,9 @@ async fn wait_mirrors(a: &Side, b: &Side, timeout: Duration, present: bool) -> V
 /// `meshctl connect`.
 pub(super) fn connect(args: &ConnectArgs, out: &mut impl Write) -> Result<Status, CtlError> {
     runtime()?.block_on(async {
-        let (sa, sb) = Box::pin(open_pair(
-            (args.a.as_ref(), args.b.as_ref()),
-            &args.kube,
-            (args.context.as_ref(), args.destination_context.as_ref()),
-            &args.kube_config,
-            &args.namespace,
-            args.tls_server_name.as_deref(),
-        ))
-        .await?;
+        let (sa, sb) = Box::pin(open_pair(&args.pair)).await?;
         let steps = connect_pair(&sa, &sb, args.validity).await?;
-        let waiting = match (args.wait, args.context.is_some()) {
+        let waiting = match (args.wait, args.pair.context.is_some()) {
             (false, _) => None,
             (true, true) => Some(wait_mirrors(&sa, &sb, args.timeout, true).await),
             (true, false) => Some(
@@ -794,17 +760,9 @@ pub(super) fn connect(args: &ConnectArgs, out: &mut impl Write) -> Result<Status
 /// `meshctl disconnect`.
 pub(super) fn disconnect(args: &DisconnectArgs, out: &mut impl Write) -> Result<Status, CtlError> {
     runtime()?.block_on(async {
-        let (sa, sb) = Box::pin(open_pair(
-            (args.a.as_ref(), args.b.as_ref()),
-            &args.kube,
-            (args.context.as_ref(), args.destination_context.as_ref()),
-            &args.kube_config,
-            &args.namespace,
-            args.tls_server_name.as_deref(),
-        ))
-        .await?;
+        let (sa, sb) = Box::pin(open_pair(&args.pair)).await?;
         let steps = disconnect_pair(&sa, &sb).await?;
-        let waiting = match (args.wait, args.context.is_some()) {
+        let waiting = match (args.wait, args.pair.context.is_some()) {
             (false, _) => None,
             (true, true) => Some(wait_mirrors(&sa, &sb, args.timeout, false).await),
             (true, false) => Some(

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 pub use certs::{CertsCommand, UsageArg, parse_validity, parse_window};
-pub use connect::{ConnectArgs, DisconnectArgs};
+pub use connect::{ConnectArgs, DisconnectArgs, PairArgs};
 pub use diagnose::DiagnoseArgs;
 pub use output::OutputFormat;
 pub use policy::PolicyCommand;
