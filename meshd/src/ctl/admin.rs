@@ -160,33 +160,7 @@ impl ClusterAdmin {
     /// The peers configured for this cluster: every credential in its peers directory
     /// (files that do not parse are returned as errors naming the file).
     pub fn configured_peers(&self) -> Result<Vec<Result<PeerCredential, String>>, CtlError> {
-        let rd = match std::fs::read_dir(&self.ext.peers_dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(CtlError::Read {
-                    path: self.ext.peers_dir.clone(),
-                    source,
-                });
-            }
-        };
-        let mut out = Vec::new();
-        let mut paths: Vec<PathBuf> = rd
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "kubeconfig"))
-            .collect();
-        paths.sort();
-        for path in paths {
-            let text = std::fs::read_to_string(&path).map_err(|source| CtlError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            out.push(
-                PeerCredential::from_kubeconfig(&path, &text).map_err(|e| super::error_chain(&e)),
-            );
-        }
-        Ok(out)
+        super::peerstore::read_dir(&self.ext.peers_dir)
     }
 }
 

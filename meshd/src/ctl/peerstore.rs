@@ -1,7 +1,7 @@
 //! Where a cluster keeps its peer credentials: a peers directory (standalone) or Secrets
 //! `meshd-peer-<remote>` in the meshd namespace (Kubernetes); what `connect`/`disconnect` write.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::CtlError;
 use crate::model::ClusterName;
@@ -30,6 +30,36 @@ impl std::fmt::Debug for PeerStore {
     }
 }
 
+/// Every `*.kubeconfig` credential in `dir` (a missing directory has none), in name order;
+/// files that do not parse are errors naming the file and field.
+pub(super) fn read_dir(dir: &Path) -> Result<Vec<Result<PeerCredential, String>>, CtlError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(CtlError::Read {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut paths: Vec<PathBuf> = rd
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "kubeconfig"))
+        .collect();
+    paths.sort();
+    let mut out = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).map_err(|source| CtlError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        out.push(PeerCredential::from_kubeconfig(&path, &text).map_err(|e| super::error_chain(&e)));
+    }
+    Ok(out)
+}
+
 fn kube_err(e: &crate::kube::KubeError) -> CtlError {
     CtlError::Up(super::error_chain(e))
 }
@@ -51,36 +81,7 @@ impl PeerStore {
     /// Every credential there (ones that do not parse as errors naming where).
     pub(super) async fn list(&self) -> Result<Vec<Result<PeerCredential, String>>, CtlError> {
         match self {
-            Self::Dir(dir) => {
-                let rd = match std::fs::read_dir(dir) {
-                    Ok(rd) => rd,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-                    Err(source) => {
-                        return Err(CtlError::Read {
-                            path: dir.clone(),
-                            source,
-                        });
-                    }
-                };
-                let mut paths: Vec<PathBuf> = rd
-                    .filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "kubeconfig"))
-                    .collect();
-                paths.sort();
-                let mut out = Vec::new();
-                for path in paths {
-                    let text = std::fs::read_to_string(&path).map_err(|source| CtlError::Read {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    out.push(
-                        PeerCredential::from_kubeconfig(&path, &text)
-                            .map_err(|e| super::error_chain(&e)),
-                    );
-                }
-                Ok(out)
-            }
+            Self::Dir(dir) => read_dir(dir),
             Self::Secrets { client, namespace } => {
                 Ok(crate::kube::list_peer_secrets(client, namespace)
                     .await
