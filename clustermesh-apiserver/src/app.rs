@@ -97,9 +97,8 @@ pub struct Args {
         requires = "etcd_bootstrap_cert"
     )]
     pub etcd_bootstrap_key: Option<PathBuf>,
-    /// Write MCS status back (`--source kubernetes`): ServiceExport conditions and a
-    /// ServiceImport per global service in each namespace that exists. Not implemented yet:
-    /// accepted (the Helm chart sets it) and ignored.
+    /// Write MCS status back (`--source kubernetes`): ServiceExport conditions (Valid, Ready,
+    /// Conflict) and a ServiceImport per global service in each namespace that exists.
     #[arg(long, env = "MESH_MCS_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
     pub mcs_status: bool,
     /// Name of this replica (identity references are per replica).
@@ -149,6 +148,9 @@ pub struct Args {
     #[arg(long)]
     pub check: bool,
 }
+
+/// How often MCS status (ServiceExport conditions, ServiceImports) is reconciled.
+const MCS_STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Why the process could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -393,6 +395,18 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
                     .await
                     .map_err(AppError::from)
             }
+        });
+    }
+    if let (true, SourceKind::Kubernetes, Some(client)) = (args.mcs_status, args.source, &kube) {
+        let (client, store, local, stop) = (
+            client.clone(),
+            store.clone(),
+            cfg.cluster.clone(),
+            stop.clone(),
+        );
+        parts.spawn(async move {
+            crate::source::kube::status::run(client, store, local, MCS_STATUS_INTERVAL, stop).await;
+            Ok(())
         });
     }
     parts.spawn({
