@@ -143,7 +143,7 @@ pub enum SourceEvent {
     Error(SourceError),
 }
 
-/// A source of cluster state (manifest directory now; Kubernetes later).
+/// A source of cluster state: a manifest directory or the Kubernetes API.
 pub trait Source: Send + 'static {
     /// Starts the source; the stream ends only when the source is shut down.
     fn run(
