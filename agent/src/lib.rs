@@ -1,11 +1,15 @@
 //! mesh-agent: the per-node meshd agent.
 //!
-//! Data flow (filled in by the agent, datapath, policy and DNS issues):
-//! peer kubeconfigs → one supervisor per peer (the `meshd` reflector over the local
-//! kvstoremesh cache or the peer's etcd) → single-writer merged indexes (services,
-//! backends, ipcache, identities, nodes) → consumers: the eBPF datapath syncer
-//! (aya), the `clusterset.local` DNS server (hickory), policy computation, and the
-//! gRPC status API used by `meshctl status`.
+//! ```text
+//!  peer kubeconfigs (files) or peer Secrets ─► one supervisor per peer (the `meshd`
+//!  reflector over the local kvstoremesh cache or the peer's etcd) ─► [`runtime`]:
+//!  single-writer merged indexes ([`view`]: services, backends, ipcache, identities, nodes)
+//!    ├─► [`policy`]: local MeshNetworkPolicies + identities + endpoints ─► policy snapshots
+//!    ├─► [`datapath`]: syncer ─► eBPF maps and programs (aya), or the recording datapath
+//!    ├─► [`dns`]: `clusterset.local` (hickory)
+//!    └─► [`api`]: mTLS gRPC (status, services, identities, ipcache, drop stream) and
+//!        health/metrics, for `meshctl`
+//! ```
 
 pub mod api;
 pub mod app;
