@@ -1,10 +1,13 @@
 //! clustermesh-apiserver: turns one cluster's state into the meshd key schema.
 //!
-//! Data flow (being built by the apiserver issue): a source (manifest directory or
-//! Kubernetes watchers) → identity allocation (etcd transactions) → exporter writing
-//! `mesh/state/...`, `mesh/cluster-config/...`, `mesh/heartbeat` and `mesh/synced/...`
-//! into the cluster's etcd through the `meshd` `KvStore`; kvstoremesh mirrors peers
-//! into `mesh/cache/...`; the etcd bootstrap creates TLS material, users and roles.
+//! Data flow: a [`source`] (manifest directory or Kubernetes watchers) → identity
+//! allocation ([`allocator`], etcd transactions) → [`export`] writing `mesh/state/...`,
+//! `mesh/cluster-config/...`, `mesh/policies/...`, `mesh/heartbeat` and `mesh/synced/...`
+//! into the cluster's etcd through the `meshd` `KvStore`; [`kvstoremesh`] mirrors peers
+//! (peer kubeconfig files or Secrets) into `mesh/cache/...`; [`clusterset`] allocates
+//! ClusterSetIPs; [`bootstrap`] creates etcd users and roles; [`api`] serves mTLS gRPC; in
+//! Kubernetes mode the MCS status (ServiceImports, ServiceExport conditions) is written
+//! back from what etcd holds.
 
 pub mod allocator;
 pub mod api;

@@ -19,6 +19,8 @@
 //! - [`kube`]: Kubernetes mode — clients from kubeconfigs, the peer Secret watcher
 //!   (`PeerEvent`s like the peers directory), and meshctl's reads/writes of a meshd
 //!   installation (config, CA, clustermesh Service address, peer Secrets).
+//! - [`peers`], [`remote`]: peer kubeconfig credentials and the per-peer supervisors.
+//! - [`ctl`]: the `meshctl` commands; [`mounts`]: cgroup2/bpffs mount points.
 //! - [`backoff`], [`metrics`]: shared retry policy and Prometheus counters.
 //! - [`health`]: the plain-HTTP `/healthz`, `/readyz`, `/metrics` server every binary runs.
 //!
