@@ -375,7 +375,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         let kcfg = crate::kvstoremesh::KvStoreMeshConfig {
             supervisor,
             peers_dir: args.peers_dir.clone().unwrap_or_default(),
-            heartbeat_mirror: Duration::from_secs(1),
+            heartbeat_mirror: Duration::from_millis(250),
         };
         parts.spawn({
             let (stop, store, m) = (stop.clone(), store.clone(), reflector_metrics.clone());

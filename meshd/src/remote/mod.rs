@@ -38,7 +38,7 @@ mod tests;
 use crate::backoff::{Backoff, BackoffConfig};
 
 /// Longest wait before asking a reachable peer again whether it has exported yet.
-const NOT_EXPORTED_RETRY: Duration = Duration::from_secs(1);
+const NOT_EXPORTED_RETRY: Duration = Duration::from_millis(250);
 use crate::events::ClusterEvent;
 use crate::keys::{self, IdentityScope, Key, StateKind};
 use crate::kv::{EtcdConfig, EtcdStore, KvError, KvStore};
@@ -365,8 +365,8 @@ impl Supervisor {
                         break;
                     }
                     let since = *down_since.get_or_insert_with(Instant::now);
-                    // A peer that answers but has not exported yet is polled at least once
-                    // a second (one cheap read), so a new connection is used promptly.
+                    // A peer that answers but has not exported yet is polled four times a second
+                    // (one cheap read each), so a new connection is used promptly.
                     let delay = if not_yet {
                         backoff.next_delay().min(NOT_EXPORTED_RETRY)
                     } else {
