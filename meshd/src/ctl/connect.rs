@@ -31,7 +31,7 @@ use super::certs::parse_validity;
 use super::etcd_auth;
 use super::output::{OutputFormat, emit};
 use super::peerstore::PeerStore;
-use super::{CtlError, Status};
+use super::{CtlError, Status, fail, runtime};
 use crate::keys::{Key, decode_cluster_config};
 use crate::peers::PeerCredential;
 
@@ -141,10 +141,6 @@ pub(super) struct Side {
     etcd: Client,
     ca: CertificateAuthority,
     peers: PeerStore,
-}
-
-fn fail(msg: impl Into<String>) -> CtlError {
-    CtlError::Up(msg.into())
 }
 
 /// TCP then TLS to the context's etcd endpoint, so that "nothing listens" and "the server
@@ -615,12 +611,6 @@ async fn wait_pair(
         bar.set_message(format!("waiting until {what}: {}", waiting.join("; ")));
         tokio::time::sleep(POLL).await;
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, CtlError> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 fn write_report(out: &mut impl Write, r: &PairReport) -> std::io::Result<()> {

@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 use super::admin::{self, ClusterAdmin, KubeconfigArgs};
 use super::output::{OutputFormat, bad, emit, good, warn};
-use super::{CtlError, Status};
+use super::{CtlError, Status, runtime};
 use crate::keys::{
     Key, StateKind, StateValue, decode_cluster_config, decode_state, decode_time, state_prefix,
 };
@@ -449,9 +449,7 @@ async fn check_cluster(
 /// `meshctl diagnose`.
 pub(super) fn diagnose(args: &DiagnoseArgs, out: &mut impl Write) -> Result<Status, CtlError> {
     let admins = admin::load(&args.kube.files())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let mut checks = Checks(Vec::new());
     let mut cidrs = Vec::new();
     rt.block_on(async {

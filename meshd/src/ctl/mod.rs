@@ -237,6 +237,18 @@ pub fn run(cli: &Cli, out: &mut impl Write) -> Result<Status, CtlError> {
     }
 }
 
+/// A current-thread runtime for one command's async work.
+fn runtime() -> Result<tokio::runtime::Runtime, CtlError> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// A command failure with a message that names what and where.
+fn fail(msg: impl Into<String>) -> CtlError {
+    CtlError::Up(msg.into())
+}
+
 /// `err` followed by its `source()` chain, joined with `": "`, skipping causes whose text the
 /// previous message already contains.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 
 use super::admin::{self, KubeconfigArgs};
 use super::output::{OutputFormat, bad, warn};
-use super::{CtlError, Status};
+use super::{CtlError, Status, runtime};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -191,9 +191,7 @@ pub(super) fn observe(args: &ObserveArgs, out: &mut impl Write) -> Result<Status
         )?;
         return Ok(Status::Problems);
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(async {
         let mut client = match connect(c.grpc_tls(), &addr).await {
             Ok(cl) => cl,

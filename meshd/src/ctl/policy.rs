@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::admin::{self, ClusterAdmin, KubeconfigArgs};
 use super::output::{OutputFormat, bad, emit, good, warn};
-use super::{CtlError, Status};
+use super::{CtlError, Status, fail, runtime};
 use crate::keys::{
     self, CACHE_PREFIX, Key, POLICY_PREFIX, STATE_PREFIX, StateKind, StateValue, decode_state,
 };
@@ -84,10 +84,6 @@ pub(super) fn run(cmd: &PolicyCommand, out: &mut impl Write) -> Result<Status, C
         PolicyCommand::List(a) => list(a, out),
         PolicyCommand::Trace(a) => trace(a, out),
     }
-}
-
-fn fail(msg: impl Into<String>) -> CtlError {
-    CtlError::Up(msg.into())
 }
 
 /// One cluster's engine and what it was built from.
@@ -164,12 +160,6 @@ async fn load(c: &ClusterAdmin) -> Result<Loaded, CtlError> {
         endpoints,
         undecodable,
     })
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, CtlError> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 #[derive(Debug, Serialize)]

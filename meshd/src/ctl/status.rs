@@ -23,7 +23,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use super::admin::{self, ClusterAdmin, KubeconfigArgs};
 use super::certs::parse_validity;
 use super::output::{OutputFormat, bad, emit, good, warn};
-use super::{CtlError, Status};
+use super::{CtlError, Status, runtime};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -176,12 +176,6 @@ struct MeshReport {
     ready: bool,
     verdict: String,
     clusters: Vec<ClusterReport>,
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, CtlError> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 async fn client(tls: &ClientTlsConfig, addr: &str) -> Result<ClusterMeshClient<Channel>, String> {

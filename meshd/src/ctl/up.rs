@@ -22,7 +22,7 @@ use mesh_certs::{CertRequest, CertificateAuthority};
 use serde::{Deserialize, Serialize};
 
 use super::admin::{self, AdminEntry, AdminExtension, KUBECONFIG_FILE};
-use super::{CtlError, Status, connect, etcd_auth};
+use super::{CtlError, Status, connect, etcd_auth, fail, runtime};
 use crate::kv::{EtcdConfig, EtcdStore};
 use crate::model::{ClusterName, MaxConnectedClusters};
 
@@ -179,10 +179,6 @@ impl MeshState {
             Err(source) => Err(CtlError::Read { path, source }),
         }
     }
-}
-
-fn fail(msg: impl Into<String>) -> CtlError {
-    CtlError::Up(msg.into())
 }
 
 /// Whether `pid` is a live (non-zombie) process running `binary` with `state_dir` on its
@@ -549,9 +545,7 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
     }
     state.save()?;
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let mut children: Vec<(usize, Child)> = Vec::new();
     let result = rt
         .block_on(start_all(
