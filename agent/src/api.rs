@@ -7,7 +7,8 @@
 //!              ─ ipcache ────► ListIpCache    (the winning entry per IP)
 //!  SyncHandles ─ status ───────► GetStatus.datapath ("ebpf" / "recording (<why>)"), readiness
 //!              ─ drops ────────► ObserveDrops (server stream; identities → labels, clusters)
-//!  AgentApi ─routes─► mesh_proto::server::serve_mtls (shared with the apiserver)
+//!  AgentApi ─routes─► mesh_proto::server::serve_mtls (shared with the apiserver; every call
+//!                     authorized by the caller certificate's role)
 //! ```
 //!
 //! Every call reads the latest published snapshot (an `Arc`, cloned out of the watch
@@ -134,6 +135,12 @@ impl AgentApi {
     /// The gRPC routes serving this API (for [`mesh_proto::server::serve_mtls`]).
     pub fn routes(self) -> Routes {
         Routes::new(self.into_service())
+    }
+
+    /// What authorizes calls to this API (for [`mesh_proto::server::serve_mtls`]): roles of
+    /// this agent's cluster, per [`mesh_proto::server::ACCESS`].
+    pub fn authorizer(&self) -> mesh_proto::server::Authorizer {
+        mesh_proto::server::Authorizer::new(self.cluster.as_str())
     }
 
     /// IDs of the clusters the agent knows (its own and every peer whose config was read).
@@ -685,6 +692,7 @@ mod tests {
             peer_cert_not_after: vec![("west".into(), Some(1_800_000_000))],
             peer_errors: vec![("/peers/x.kubeconfig".into(), "bad yaml".into())],
             ready: true,
+            trust: vec![],
         };
         let p = status_to_proto(&st, &name("east"), ClusterId::new(1, m).unwrap(), m);
         assert_eq!(

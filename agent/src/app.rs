@@ -56,6 +56,9 @@ pub struct Args {
     /// each peer's etcd with its credential.
     #[arg(long, env = "MESH_PEER_ACCESS", value_enum, default_value_t = AccessArg::Cached)]
     pub peer_access: AccessArg,
+    /// Per-peer quotas of the peer guard.
+    #[command(flatten)]
+    pub peer_limits: meshd::args::PeerLimitArgs,
     /// How long an unreachable peer's data is kept ("0": forever).
     #[arg(long, env = "MESH_REMOTE_CACHE_TTL", value_parser = parse_ttl, default_value = "0")]
     pub remote_cache_ttl: Duration,
@@ -239,6 +242,8 @@ impl Args {
             supervisor,
             peers_dir: self.peers_dir.clone().unwrap_or_default(),
             access: self.peer_access.into(),
+            limits: self.peer_limits.limits(),
+            trust_metrics: meshd::metrics::TrustMetrics::default(),
         })
     }
 }
@@ -275,6 +280,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let dns_metrics = crate::dns::DnsMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    cfg.trust_metrics.register(&mut registry);
     dp_metrics.register(&mut registry);
     dns_metrics.register(&mut registry);
     let registry = Arc::new(registry);
@@ -329,8 +335,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     });
     parts.spawn({
         let stop = stop.clone();
+        let authz = api.authorizer();
         async move {
-            mesh_proto::server::serve_mtls(grpc, tls, api.routes(), stop)
+            mesh_proto::server::serve_mtls(grpc, tls, api.routes(), authz, stop)
                 .await
                 .map_err(AppError::from)
         }

@@ -18,11 +18,13 @@ use meshd::events::ClusterEvent;
 use meshd::keys::{self, ClusterSetIpEntry, DecodeError, Key, KeyError};
 use meshd::kv::KvStore;
 use meshd::metrics::ReflectorMetrics;
+use meshd::metrics::TrustMetrics;
 use meshd::peers::PeerDirWatcher;
 use meshd::reflector::{Codec, Event, Reflector, ReflectorConfig};
 use meshd::remote::{
     ClusterSource, IdRegistry, PeerManager, PeerStatus, RemoteCluster, SupervisorConfig,
 };
+use meshd::trust::{PeerGuard, PeerLimits, PeerTrust};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +57,10 @@ pub struct AgentConfig {
     pub peers_dir: PathBuf,
     /// How peers are read.
     pub access: PeerAccess,
+    /// Per-peer quotas of the peer guard.
+    pub limits: PeerLimits,
+    /// Counters of the peer guard (shared families; register them to export).
+    pub trust_metrics: TrustMetrics,
 }
 
 /// What the agent reports about its sources.
@@ -70,6 +76,8 @@ pub struct AgentStatus {
     pub peer_errors: Vec<(String, String)>,
     /// Whether the local cluster and every peer are ready.
     pub ready: bool,
+    /// What the peer guard holds and refused of each peer.
+    pub trust: Vec<PeerTrust>,
 }
 
 /// Subscriptions to the merged view and the status.
@@ -171,15 +179,22 @@ impl Agent {
             supervisor,
             peers_dir: _,
             access,
+            limits,
+            trust_metrics,
         } = cfg;
         let local_name = supervisor.local.clone();
-        let mut view = MergedView::new(local_name.clone());
+        let mut view = Guarded {
+            guard: PeerGuard::new(local_name.clone(), limits, trust_metrics),
+            view: MergedView::new(local_name.clone()),
+            buf: Vec::new(),
+        };
+        let (trust_tx, trust_rx) = watch::channel(Vec::<PeerTrust>::new());
         let (status_tx, status) = watch::channel(AgentStatus::default());
         let handles = ViewHandles {
-            services: view.subscribe_services(),
-            identities: view.subscribe_identities(),
-            ipcache: view.subscribe_ipcache(),
-            nodes: view.subscribe_nodes(),
+            services: view.view.subscribe_services(),
+            identities: view.view.subscribe_identities(),
+            ipcache: view.view.subscribe_ipcache(),
+            nodes: view.view.subscribe_nodes(),
             status,
         };
         let (tx, mut rx) = mpsc::channel::<ClusterEvent>(4096);
@@ -236,6 +251,7 @@ impl Agent {
                             .map(|(p, e)| (p.display().to_string(), e.clone()))
                             .collect(),
                         ready,
+                        trust: trust_rx.borrow().clone(),
                     };
                     status_tx.send_if_modified(|s| {
                         let changed = *s != st;
@@ -284,7 +300,7 @@ impl Agent {
                         () = shutdown.cancelled() => break,
                         () = deferred => {
                             publish_at = None;
-                            spacing = timed_publish(&mut view);
+                            spacing = timed_publish(&mut view, &trust_tx);
                             last_publish = tokio::time::Instant::now();
                             continue;
                         }
@@ -309,13 +325,14 @@ impl Agent {
                         }
                         batch += 1;
                     }
+                    view.settle();
                     if !view.has_unpublished() || publish_at.is_some() {
                         continue;
                     }
                     let now = tokio::time::Instant::now();
                     let quiet = now >= last_publish + spacing;
                     if quiet && batch < SMALL_BATCH {
-                        spacing = timed_publish(&mut view);
+                        spacing = timed_publish(&mut view, &trust_tx);
                         last_publish = tokio::time::Instant::now();
                     } else {
                         publish_at = Some(last_publish + spacing.max(PUBLISH_INTERVAL));
@@ -342,14 +359,55 @@ impl Agent {
     }
 }
 
-/// Publishes and returns how long to wait before the next publish under load.
-fn timed_publish(view: &mut MergedView) -> Duration {
-    let t = std::time::Instant::now();
-    view.publish();
-    t.elapsed() * 10
+/// The merged view behind the peer guard: cluster events pass the guard first.
+#[derive(Debug)]
+struct Guarded {
+    guard: PeerGuard,
+    view: MergedView,
+    buf: Vec<ClusterEvent>,
 }
 
-fn apply(view: &mut MergedView, input: Input) {
+impl Guarded {
+    fn apply(&mut self, ev: ClusterEvent) {
+        self.guard.apply(ev, &mut self.buf);
+        for ev in self.buf.drain(..) {
+            self.view.apply(ev);
+        }
+    }
+
+    /// Lets the guard re-judge what range changes affect (after a batch).
+    fn settle(&mut self) {
+        self.guard.settle(&mut self.buf);
+        for ev in self.buf.drain(..) {
+            self.view.apply(ev);
+        }
+    }
+
+    fn has_unpublished(&self) -> bool {
+        self.view.has_unpublished()
+    }
+
+    fn set_clusterset_ip(&mut self, namespace: &str, name: &str, ip: Option<IpAddr>) {
+        self.view.set_clusterset_ip(namespace, name, ip);
+    }
+}
+
+/// Publishes (the view's snapshots and the guard's status) and returns how long to wait
+/// before the next publish under load.
+fn timed_publish(view: &mut Guarded, trust: &watch::Sender<Vec<PeerTrust>>) -> Duration {
+    let t = std::time::Instant::now();
+    view.view.publish();
+    let elapsed = t.elapsed();
+    let status = view.guard.status();
+    trust.send_if_modified(|s| {
+        let changed = *s != status;
+        *s = status;
+        changed
+    });
+    elapsed * 10
+}
+
+fn apply(view: &mut Guarded, input: Input) {
     match input {
         Input::Cluster(ev) => view.apply(ev),
         Input::ClusterSetIp(ev) => match ev {

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use crate::inspect::{cert_info, inspect_pem_named, parse_der};
 use crate::pem::parse_certs;
-use crate::{CertError, CertInfo, files};
+use crate::{CertError, CertInfo, Principal, Role, files};
 
 /// How far in the past a certificate's notBefore is put (when not given explicitly), so that
 /// peers whose clocks are slightly behind still accept a freshly issued certificate.
@@ -63,6 +63,9 @@ pub struct CertRequest {
     /// Explicit notBefore. `None` means now minus [`CLOCK_SKEW_BACKDATE`]
     /// (notAfter is then now + `validity`).
     pub not_before: Option<OffsetDateTime>,
+    /// The role the certificate carries, as the SAN URI `spiffe://<cluster>.meshd/<role>`
+    /// (what the gRPC APIs authorize by). `None`: no role (etcd-only certificates).
+    pub role: Option<Principal>,
 }
 
 impl CertRequest {
@@ -75,6 +78,7 @@ impl CertRequest {
             usage: CertUsage::Server,
             validity: DEFAULT_LEAF_VALIDITY,
             not_before: None,
+            role: None,
         }
     }
 
@@ -87,6 +91,7 @@ impl CertRequest {
             usage: CertUsage::Client,
             validity: DEFAULT_LEAF_VALIDITY,
             not_before: None,
+            role: None,
         }
     }
 
@@ -111,6 +116,13 @@ impl CertRequest {
     /// Set the usage.
     pub fn with_usage(mut self, usage: CertUsage) -> Self {
         self.usage = usage;
+        self
+    }
+
+    /// Carry `role` in `cluster` (the cluster whose CA issues the certificate) as the SAN URI
+    /// `spiffe://<cluster>.meshd/<role>`. [`CertificateAuthority::issue`] checks the name.
+    pub fn with_role(mut self, cluster: &str, role: Role) -> Self {
+        self.role = Some(Principal::new(cluster, role));
         self
     }
 }
@@ -338,7 +350,8 @@ impl CertificateAuthority {
     }
 
     /// Issue a leaf certificate (new ECDSA P-256 key, random serial, basicConstraints CA=false,
-    /// keyUsage digitalSignature + keyEncipherment, EKU from `req.usage`, authorityKeyIdentifier).
+    /// keyUsage digitalSignature + keyEncipherment, EKU from `req.usage`, authorityKeyIdentifier,
+    /// and the role SAN URI of `req.role`).
     pub fn issue(&self, req: &CertRequest) -> Result<IssuedCert, CertError> {
         check_common_name(&req.common_name)?;
         let cn = &req.common_name;
@@ -357,6 +370,20 @@ impl CertificateAuthority {
         params
             .subject_alt_names
             .extend(req.ip_addresses.iter().map(|ip| SanType::IpAddress(*ip)));
+        if let Some(principal) = &req.role {
+            principal.check().map_err(|e| CertError::Request {
+                common_name: cn.clone(),
+                reason: format!("role SAN: {e}"),
+            })?;
+            let uri = principal
+                .uri()
+                .try_into()
+                .map_err(|source| CertError::Sign {
+                    common_name: cn.clone(),
+                    source,
+                })?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,

@@ -8,8 +8,8 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::error::X509Error;
 use x509_parser::extensions::GeneralName;
 
-use crate::CertError;
 use crate::pem::parse_certs;
+use crate::{CertError, Principal, RoleError};
 
 /// What one certificate says, in plain Rust types.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,8 @@ pub struct CertInfo {
     pub dns_names: Vec<String>,
     /// IP subject alternative names.
     pub ip_addresses: Vec<IpAddr>,
+    /// URI subject alternative names (the role: `spiffe://<cluster>.meshd/<role>`).
+    pub uris: Vec<String>,
     /// Start of the validity period.
     pub not_before: OffsetDateTime,
     /// End of the validity period.
@@ -58,6 +60,11 @@ impl CertInfo {
     /// True if the certificate is valid now.
     pub fn is_valid_now(&self) -> bool {
         self.is_valid_at(OffsetDateTime::now_utc())
+    }
+
+    /// The role the certificate carries (its one `spiffe://<cluster>.meshd/<role>` URI SAN).
+    pub fn principal(&self) -> Result<Principal, RoleError> {
+        Principal::from_uris(&self.subject, self.uris.iter().map(String::as_str))
     }
 }
 
@@ -112,6 +119,7 @@ pub(crate) fn cert_info(cert: &X509Certificate<'_>) -> Result<CertInfo, X509Erro
 
     let mut dns_names = Vec::new();
     let mut ip_addresses = Vec::new();
+    let mut uris = Vec::new();
     if let Some(san) = cert.subject_alternative_name()? {
         for name in &san.value.general_names {
             match name {
@@ -121,6 +129,7 @@ pub(crate) fn cert_info(cert: &X509Certificate<'_>) -> Result<CertInfo, X509Erro
                         ip_addresses.push(ip);
                     }
                 }
+                GeneralName::URI(u) => uris.push((*u).to_owned()),
                 _ => {}
             }
         }
@@ -175,6 +184,7 @@ pub(crate) fn cert_info(cert: &X509Certificate<'_>) -> Result<CertInfo, X509Erro
         issuer: cert.issuer().to_string(),
         dns_names,
         ip_addresses,
+        uris,
         not_before: cert.validity().not_before.to_datetime(),
         not_after: cert.validity().not_after.to_datetime(),
         is_ca: cert.is_ca(),

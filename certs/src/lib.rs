@@ -8,7 +8,8 @@
 //!
 //! ```text
 //!  CertificateAuthority::generate / from_pem / from_files       one CA per cluster
-//!        │ issue(&CertRequest::server(..) / ::client("remote-west"))
+//!        │ issue(&CertRequest::server(..) / ::client("remote-west")
+//!        │        .with_role("east", Role::Peer))   SAN URI spiffe://east.meshd/peer
 //!        ▼
 //!  IssuedCert { cert_pem, key_pem } ── write_files(dir, stem) ──▶ <stem>.crt, <stem>.key (0600)
 //!        │                                   (atomic: temp file + rename)
@@ -19,6 +20,11 @@
 //!  server_config(identity, client_ca_pem)  ──▶ Arc<rustls::ServerConfig> (client cert required)
 //!  client_config(ca_pem, Some((crt, key))) ──▶ Arc<rustls::ClientConfig> (custom roots only)
 //! ```
+//!
+//! A certificate's **role** (`admin`, `agent`, `apiserver`, `peer`; [`Role`]) in the cluster
+//! whose CA issued it travels as the SAN URI `spiffe://<cluster>.meshd/<role>` ([`Principal`]);
+//! [`Principal::from_der`] reads it back from a TLS peer certificate, which is what the gRPC
+//! APIs authorize every call by (a certificate that merely chains to the CA is not enough).
 //!
 //! [`inspect_pem`] and [`verify_chain`] answer "what is in this file" and "does this certificate
 //! belong to that CA and is it valid now" with errors that name the failed check.
@@ -32,6 +38,7 @@ mod files;
 mod inspect;
 mod pem;
 mod reload;
+mod role;
 mod tls;
 
 pub use ca::{
@@ -42,6 +49,7 @@ pub use error::CertError;
 pub use files::{FileKind, write_file_atomic};
 pub use inspect::{CertInfo, inspect_der, inspect_pem, verify_chain, verify_chain_at};
 pub use reload::{DEFAULT_DEBOUNCE, ReloadingCertKey};
+pub use role::{Principal, Role, RoleError, TRUST_DOMAIN_SUFFIX};
 pub use tls::{
     SERVER_ALPN, certified_key_from_pem, client_config, client_config_with_resolver,
     crypto_provider, root_store, server_config, server_config_from_pem, static_identity,

@@ -4,8 +4,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use mesh_certs::{
-    CertError, CertRequest, CertUsage, CertificateAuthority, inspect_pem, verify_chain,
+    CertError, CertRequest, CertUsage, CertificateAuthority, Principal, Role, RoleError,
+    inspect_pem, verify_chain,
 };
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use time::OffsetDateTime;
 
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -288,6 +291,55 @@ fn bad_inputs_give_named_errors_not_panics() {
     }
 }
 
+/// The role SAN is issued as a URI SAN next to DNS/IP SANs and read back from the DER
+/// certificate (what the gRPC servers do with a TLS peer certificate) and from `CertInfo`.
+#[test]
+fn role_sans_are_issued_and_read_back() {
+    let ca = CertificateAuthority::generate("meshd-east-ca", DAY).unwrap();
+    let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    for role in Role::ALL {
+        let issued = ca
+            .issue(&CertRequest::client("x").with_role("east", role))
+            .unwrap();
+        let info = issued.info().unwrap();
+        assert_eq!(info.uris, [format!("spiffe://east.meshd/{role}")]);
+        assert_eq!(info.principal().unwrap(), Principal::new("east", role));
+        let p = Principal::from_der(&der(&issued.cert_pem)).unwrap();
+        assert_eq!((p.cluster(), p.role()), ("east", role));
+        verify_chain(&issued.cert_pem, ca.cert_pem()).unwrap();
+    }
+
+    // A server certificate keeps its DNS/IP SANs next to the role.
+    let server = ca
+        .issue(
+            &CertRequest::server("mesh-agent", &["localhost"], &[LOCALHOST])
+                .with_role("east", Role::Agent),
+        )
+        .unwrap();
+    let info = server.info().unwrap();
+    assert_eq!(info.dns_names, ["localhost"]);
+    assert_eq!(info.ip_addresses, [LOCALHOST]);
+    assert_eq!(info.principal().unwrap().role(), Role::Agent);
+
+    // Without a role: Missing, naming the subject.
+    let plain = ca.issue(&CertRequest::client("root")).unwrap();
+    assert!(plain.info().unwrap().uris.is_empty());
+    let e = Principal::from_der(&der(&plain.cert_pem)).unwrap_err();
+    assert!(matches!(e, RoleError::Missing { .. }), "{e}");
+    assert!(e.to_string().contains("CN=root"), "{e}");
+
+    // A cluster name that cannot be a trust domain is refused at issue time.
+    let e = ca
+        .issue(&CertRequest::client("x").with_role("East/1", Role::Admin))
+        .unwrap_err();
+    assert!(matches!(e, CertError::Request { .. }), "{e}");
+    assert!(e.to_string().contains("East/1"), "{e}");
+
+    // Garbage is a parse error, not a panic.
+    let e = Principal::from_der(b"not a certificate").unwrap_err();
+    assert!(matches!(e, RoleError::Parse { .. }), "{e}");
+}
+
 #[test]
 fn public_types_are_send_and_sync() {
     fn check<T: Send + Sync + 'static>() {}
@@ -296,4 +348,6 @@ fn public_types_are_send_and_sync() {
     check::<mesh_certs::IssuedCert>();
     check::<mesh_certs::ReloadingCertKey>();
     check::<mesh_certs::CertInfo>();
+    check::<Principal>();
+    check::<RoleError>();
 }

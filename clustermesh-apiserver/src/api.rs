@@ -3,7 +3,8 @@
 //! ```text
 //!  ExportStatus (watch) ──► GetStatus
 //!  etcd mesh/state/<kind>/v1/<cluster>/… ──► ListServices / ListIdentities / ListIpCache
-//!  ClusterMeshApi ─routes─► mesh_proto::server::serve_mtls (TLS accept loop, reloaded cert)
+//!  ClusterMeshApi ─routes─► mesh_proto::server::serve_mtls (TLS accept loop, reloaded cert,
+//!                           every call authorized by the caller certificate's role)
 //! ```
 //!
 //! `GetStatus` answers from the exporter's [`ExportStatus`]; the list calls read what is
@@ -14,6 +15,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use mesh_proto::server::Authorizer;
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::cluster_mesh_server::{ClusterMesh, ClusterMeshServer};
 use meshd::keys::{self, IdentityScope, Key, StateKind, StateValue};
@@ -77,6 +79,12 @@ impl ClusterMeshApi {
     /// The gRPC routes serving this API (for [`mesh_proto::server::serve_mtls`]).
     pub fn routes(self) -> Routes {
         Routes::new(self.into_service())
+    }
+
+    /// What authorizes calls to this API: roles of this cluster, per
+    /// [`mesh_proto::server::ACCESS`].
+    pub fn authorizer(&self) -> Authorizer {
+        Authorizer::new(self.cfg.cluster.as_str())
     }
 
     fn scope(&self) -> IdentityScope {
@@ -386,8 +394,9 @@ pub fn ip_cache_entry_to_proto(e: &IpCacheEntry, cluster: &ClusterName) -> pb::I
     meshd::wire::ip_cache_entry(e, cluster)
 }
 
-/// Serves `api` on `listener` over mTLS (`tls`, e.g. from [`server_tls`]) until `shutdown`;
-/// see [`mesh_proto::server::serve_mtls`] (handshakes bounded by [`HANDSHAKE_TIMEOUT`],
+/// Serves `api` on `listener` over mTLS (`tls`, e.g. from [`server_tls`]) until `shutdown`,
+/// each call authorized by the caller's role ([`ClusterMeshApi::authorizer`]); see
+/// [`mesh_proto::server::serve_mtls`] (handshakes bounded by [`HANDSHAKE_TIMEOUT`],
 /// graceful shutdown within [`SHUTDOWN_GRACE`]).
 pub async fn serve_grpc(
     listener: TcpListener,
@@ -395,7 +404,8 @@ pub async fn serve_grpc(
     api: ClusterMeshApi,
     shutdown: CancellationToken,
 ) -> Result<(), ApiError> {
-    mesh_proto::server::serve_mtls(listener, tls, api.routes(), shutdown).await
+    let authz = api.authorizer();
+    mesh_proto::server::serve_mtls(listener, tls, api.routes(), authz, shutdown).await
 }
 
 #[cfg(test)]

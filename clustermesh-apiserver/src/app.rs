@@ -139,6 +139,9 @@ pub struct Args {
     /// How long kvstoremesh keeps an unreachable peer's data (0 = forever).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub remote_cache_ttl: Duration,
+    /// Per-peer quotas kvstoremesh enforces before it writes a peer's data.
+    #[command(flatten)]
+    pub peer_limits: meshd::args::PeerLimitArgs,
     /// CIDR from which every global service of the mesh gets a ClusterSetIP in this
     /// cluster (unset: no ClusterSetIPs).
     #[arg(long, env = "MESH_CLUSTERSET_CIDR")]
@@ -330,6 +333,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     reflector_metrics.register(&mut registry);
+    let trust_metrics = meshd::metrics::TrustMetrics::default();
+    trust_metrics.register(&mut registry);
     if let Some(c) = &clusterset_cfg {
         c.metrics.register(&mut registry);
     }
@@ -376,6 +381,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             supervisor,
             peers_dir: args.peers_dir.clone().unwrap_or_default(),
             heartbeat_mirror: Duration::from_millis(250),
+            limits: args.peer_limits.limits(),
+            trust_metrics: trust_metrics.clone(),
         };
         parts.spawn({
             let (stop, store, m) = (stop.clone(), store.clone(), reflector_metrics.clone());

@@ -41,6 +41,9 @@ pub struct CacheWriter {
     /// Keys applied since the last `Init` per (peer, kind).
     seen: HashMap<(ClusterName, StateKind), HashSet<String>>,
     ops: Vec<Op>,
+    /// Position in `ops` of the pending operation on each key (a later change to the
+    /// same key replaces it: etcd refuses a transaction naming a key twice).
+    op_index: HashMap<String, usize>,
 }
 
 impl CacheWriter {
@@ -53,6 +56,7 @@ impl CacheWriter {
             present: HashMap::new(),
             seen: HashMap::new(),
             ops: Vec::new(),
+            op_index: HashMap::new(),
         };
         for kv in all.kvs {
             let Ok(k) = String::from_utf8(kv.key) else {
@@ -75,16 +79,29 @@ impl CacheWriter {
             return;
         }
         self.written.insert(key.clone(), h);
-        self.ops.push(Op::Put {
-            key,
-            value,
-            lease: None,
-        });
+        self.push(
+            key.clone(),
+            Op::Put {
+                key,
+                value,
+                lease: None,
+            },
+        );
     }
 
     fn delete(&mut self, key: String) {
         if self.written.remove(&key).is_some() {
-            self.ops.push(Op::Delete(key));
+            self.push(key.clone(), Op::Delete(key));
+        }
+    }
+
+    fn push(&mut self, key: String, op: Op) {
+        match self.op_index.get(&key) {
+            Some(&i) => self.ops[i] = op,
+            None => {
+                self.op_index.insert(key, self.ops.len());
+                self.ops.push(op);
+            }
         }
     }
 
@@ -191,11 +208,18 @@ impl CacheWriter {
             };
             if let Err(e) = self.store.txn(txn).await {
                 self.ops.drain(..sent);
+                self.op_index = self
+                    .ops
+                    .iter()
+                    .enumerate()
+                    .map(|(i, op)| (op_key(op).to_owned(), i))
+                    .collect();
                 return Err(e);
             }
             sent = end;
         }
         self.ops.clear();
+        self.op_index.clear();
         Ok(sent)
     }
 
@@ -373,6 +397,13 @@ mod tests {
     }
 }
 
+/// The key an operation writes.
+fn op_key(op: &Op) -> &str {
+    match op {
+        Op::Put { key, .. } | Op::Delete(key) => key,
+    }
+}
+
 /// kvstoremesh settings.
 #[derive(Debug, Clone)]
 pub struct KvStoreMeshConfig {
@@ -382,6 +413,10 @@ pub struct KvStoreMeshConfig {
     pub peers_dir: std::path::PathBuf,
     /// How often peers' heartbeats are copied into the cache.
     pub heartbeat_mirror: std::time::Duration,
+    /// Per-peer quotas of the peer guard.
+    pub limits: meshd::trust::PeerLimits,
+    /// Counters of the peer guard (shared families; register them to export).
+    pub trust_metrics: meshd::metrics::TrustMetrics,
 }
 
 /// Runs kvstoremesh until `shutdown`: a supervisor per peer reading the peer's etcd, and
@@ -410,29 +445,52 @@ pub async fn run_with_peers(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), KvError> {
     use futures::StreamExt;
-    let writer = CacheWriter::new(local).await?;
+    let writer = CacheWriter::new(local.clone()).await?;
     let (tx, rx) = mpsc::channel(8192);
     let (hb_tx, mut hb_rx) = mpsc::channel::<(ClusterName, time::OffsetDateTime)>(64);
+    let local_name = cfg.supervisor.local.clone();
+    let mut guard =
+        meshd::trust::PeerGuard::new(local_name.clone(), cfg.limits, cfg.trust_metrics.clone());
+    // Ranges granted before a restart stay granted against newcomers' claims.
+    let cached = local
+        .list_all(&keys::cache_kind_prefix(StateKind::Nodes), 5000)
+        .await?;
+    let cached: Vec<meshd::model::Node> = cached
+        .kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    guard.seed_granted(&cached);
+    // The local cluster's nodes: the ranges peers may not claim.
+    let local_nodes = local_nodes(local, local_name.clone(), metrics.clone(), tx.clone());
     let mut manager = meshd::remote::PeerManager::new(
         cfg.supervisor.clone(),
         metrics,
         tx.clone(),
         Box::new(|cred| meshd::remote::ClusterSource::Direct(cred.to_etcd_config())),
     );
-    // The writer owns the cache; heartbeats reach it through the event channel's order.
+    // The writer owns the cache; every event passes the peer guard first, and only
+    // peers' events reach the cache. Heartbeats reach it through the event channel's order.
     let writer_task = tokio::spawn(async move {
         let mut writer = writer;
         let mut rx = rx;
+        let mut out = Vec::new();
         let mut backoff = meshd::backoff::Backoff::new(meshd::backoff::BackoffConfig::default());
         loop {
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
-                    writer.apply(ev);
+                    guard.apply(ev, &mut out);
                     for _ in 0..MAX_BATCH {
                         match rx.recv().now_or_never() {
-                            Some(Some(ev)) => writer.apply(ev),
+                            Some(Some(ev)) => guard.apply(ev, &mut out),
                             _ => break,
+                        }
+                    }
+                    guard.settle(&mut out);
+                    for ev in out.drain(..) {
+                        if *ev.cluster() != local_name {
+                            writer.apply(ev);
                         }
                     }
                 }
@@ -473,8 +531,56 @@ pub async fn run_with_peers(
         }
     }
     manager.shutdown().await;
+    local_nodes.abort();
     drop(tx);
     drop(hb_tx);
     let _ = writer_task.await;
     Ok(())
+}
+
+/// Reflects the local cluster's nodes into `tx` as the local cluster's events, so the
+/// peer guard knows the ranges peers may not claim.
+fn local_nodes(
+    store: Arc<dyn KvStore>,
+    local: ClusterName,
+    metrics: meshd::metrics::ReflectorMetrics,
+    tx: mpsc::Sender<ClusterEvent>,
+) -> tokio::task::JoinHandle<()> {
+    use futures::StreamExt;
+    use meshd::reflector::{Event, Reflector, StateCodec};
+    let codec = StateCodec {
+        kind: StateKind::Nodes,
+        cluster: local.clone(),
+        cached: false,
+        scope: None,
+    };
+    let mut rcfg = codec.reflector_config();
+    rcfg.kind_label = "local-nodes".into();
+    let reflector = Reflector::new(store, codec.prefix(), codec, rcfg, metrics);
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(reflector.into_stream());
+        while let Some(item) = events.next().await {
+            let cluster = local.clone();
+            let kind = StateKind::Nodes;
+            let ev = match item {
+                Ok(Event::Init) => ClusterEvent::Init { cluster, kind },
+                Ok(Event::InitApply(key, value) | Event::Apply(key, value)) => {
+                    ClusterEvent::Apply {
+                        cluster,
+                        key,
+                        value,
+                    }
+                }
+                Ok(Event::Delete(key)) => ClusterEvent::Delete { cluster, key },
+                Ok(Event::InitDone) => ClusterEvent::InitDone { cluster, kind },
+                Err(e) => {
+                    tracing::debug!(error = %e, "kvstoremesh: local nodes reflector retrying");
+                    continue;
+                }
+            };
+            if tx.send(ev).await.is_err() {
+                break;
+            }
+        }
+    })
 }

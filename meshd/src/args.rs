@@ -137,3 +137,42 @@ mod tests {
         assert_eq!(a.resolve().unwrap().1.get(), 300);
     }
 }
+
+/// Per-peer quotas (see [`crate::trust::PeerLimits`]; the defaults fit a peer of 5,000
+/// nodes and 500,000 pods).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PeerLimitArgs {
+    /// Identities accepted per peer.
+    #[arg(long, env = "MESH_PEER_MAX_IDENTITIES", default_value_t = 65_536)]
+    pub peer_max_identities: usize,
+    /// ipcache entries (endpoint IPs) accepted per peer.
+    #[arg(long, env = "MESH_PEER_MAX_IPS", default_value_t = 1_000_000)]
+    pub peer_max_ips: usize,
+    /// Nodes accepted per peer.
+    #[arg(long, env = "MESH_PEER_MAX_NODES", default_value_t = 10_000)]
+    pub peer_max_nodes: usize,
+    /// Services accepted per peer (this also bounds the ClusterSetIPs a peer can take).
+    #[arg(long, env = "MESH_PEER_MAX_SERVICES", default_value_t = 50_000)]
+    pub peer_max_services: usize,
+    /// Largest value accepted from a peer, in bytes.
+    #[arg(long, env = "MESH_PEER_MAX_VALUE_BYTES", default_value_t = 1 << 20)]
+    pub peer_max_value_bytes: usize,
+    /// Bytes of values held per peer.
+    #[arg(long, env = "MESH_PEER_MAX_BYTES", default_value_t = 512 << 20)]
+    pub peer_max_bytes: u64,
+}
+
+impl PeerLimitArgs {
+    /// The limits these flags set.
+    pub fn limits(&self) -> crate::trust::PeerLimits {
+        crate::trust::PeerLimits {
+            max_identities: self.peer_max_identities,
+            max_ips: self.peer_max_ips,
+            max_nodes: self.peer_max_nodes,
+            max_services: self.peer_max_services,
+            max_value_bytes: self.peer_max_value_bytes,
+            max_total_bytes: self.peer_max_bytes,
+            ..crate::trust::PeerLimits::default()
+        }
+    }
+}

@@ -447,6 +447,11 @@ pub fn cache_prefix(kind: StateKind, remote: &ClusterName) -> String {
     format!("{CACHE_PREFIX}{kind}/{VERSION}/{remote}/")
 }
 
+/// `mesh/cache/<kind>/v1/`: where kvstoremesh mirrors one kind of every peer.
+pub fn cache_kind_prefix(kind: StateKind) -> String {
+    format!("{CACHE_PREFIX}{kind}/{VERSION}/")
+}
+
 /// The exclusive end of a prefix range (etcd `range_end` for a prefix).
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();

@@ -20,6 +20,8 @@
 //!   (`PeerEvent`s like the peers directory), and meshctl's reads/writes of a meshd
 //!   installation (config, CA, clustermesh Service address, peer Secrets).
 //! - [`peers`], [`remote`]: peer kubeconfig credentials and the per-peer supervisors.
+//! - [`trust`]: the peer guard between supervisors and consumers — address ownership
+//!   from nodes' pod CIDRs, host-prefix claims only, backends a peer owns, quotas.
 //! - [`ctl`]: the `meshctl` commands; [`mounts`]: cgroup2/bpffs mount points.
 //! - [`backoff`], [`metrics`]: shared retry policy and Prometheus counters.
 //! - [`health`]: the plain-HTTP `/healthz`, `/readyz`, `/metrics` server every binary runs.
@@ -43,4 +45,5 @@ pub mod policy;
 pub mod process;
 pub mod reflector;
 pub mod remote;
+pub mod trust;
 pub mod wire;

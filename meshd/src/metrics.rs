@@ -83,3 +83,69 @@ impl ReflectorMetrics {
         n
     }
 }
+
+/// Labels naming a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ClusterLabel {
+    /// The cluster.
+    pub cluster: String,
+}
+
+/// Labels of a refused peer entry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TrustLabels {
+    /// The peer.
+    pub cluster: String,
+    /// Kind of data.
+    pub kind: String,
+    /// Why it was refused (`address-of-local`, `quota-entries`, ...).
+    pub reason: String,
+}
+
+/// Counters of the peer guard (`crate::trust`). Cheap to clone (shared families).
+#[derive(Debug, Clone, Default)]
+pub struct TrustMetrics {
+    /// Entries (or backends) refused, by peer, kind and reason.
+    pub refused: Family<TrustLabels, Counter>,
+    /// 1 while a peer is over one of its quotas.
+    pub degraded: Family<ClusterLabel, prometheus_client::metrics::gauge::Gauge>,
+    /// Range claims refused (conflicts, too wide, special), by claimant.
+    pub range_conflicts: Family<ClusterLabel, prometheus_client::metrics::gauge::Gauge>,
+}
+
+impl TrustMetrics {
+    /// Registers the families under `mesh_peer_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mesh_peer_refused",
+            "Peer entries refused by the trust guard, by reason",
+            self.refused.clone(),
+        );
+        registry.register(
+            "mesh_peer_degraded",
+            "1 while a peer is over one of its quotas",
+            self.degraded.clone(),
+        );
+        registry.register(
+            "mesh_peer_range_conflicts",
+            "Pod CIDR or node address claims of a peer that were not granted",
+            self.range_conflicts.clone(),
+        );
+    }
+
+    /// Total refusals of `cluster` for `reason` (all kinds), for tests and status.
+    pub fn refused_total(&self, cluster: &str, reason: &str) -> u64 {
+        crate::keys::StateKind::ALL
+            .iter()
+            .map(|k| {
+                self.refused
+                    .get_or_create(&TrustLabels {
+                        cluster: cluster.to_owned(),
+                        kind: k.as_str().to_owned(),
+                        reason: reason.to_owned(),
+                    })
+                    .get()
+            })
+            .sum()
+    }
+}

@@ -343,3 +343,113 @@ fn inspect_missing_file_and_version() {
 
     assert!(ok(&["version"]).starts_with("meshctl "));
 }
+
+#[test]
+fn issue_with_a_role_and_reissue_role_less_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    init(dir, "east");
+    // --role: the cluster comes from the CA's CN meshd-east-ca.
+    let out = ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        p(dir),
+        "--name",
+        "root",
+        "--cn",
+        "root",
+        "--usage",
+        "client",
+        "--role",
+        "admin",
+    ]);
+    assert!(out.contains("URI:spiffe://east.meshd/admin"), "{out}");
+    let out = ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        p(dir),
+        "--name",
+        "remote-west",
+        "--cn",
+        "remote-west",
+        "--usage",
+        "client",
+        "--role",
+        "peer",
+        "--cluster",
+        "other",
+    ]);
+    assert!(out.contains("URI:spiffe://other.meshd/peer"), "{out}");
+    let e = Cli::try_parse_from([
+        "meshctl",
+        "certs",
+        "issue",
+        "--dir",
+        p(dir),
+        "--name",
+        "x",
+        "--cn",
+        "x",
+        "--role",
+        "root",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("admin, agent, apiserver, peer"), "{e}");
+    // Without --role, a client certificate gets a note (and no role).
+    let out = ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        p(dir),
+        "--name",
+        "agent",
+        "--cn",
+        "agent-east",
+        "--usage",
+        "client",
+    ]);
+    assert!(
+        out.contains("no --role") && out.contains("--role agent?"),
+        "{out}"
+    );
+    let out = ok(&["certs", "inspect", p(&dir.join("agent.crt"))]);
+    assert!(out.contains("none (the gRPC APIs refuse it)"), "{out}");
+
+    // reissue: dry run changes nothing; then the role-less agent cert gets role agent.
+    let out = ok(&["certs", "reissue", "--dir", p(dir), "--dry-run"]);
+    assert!(
+        out.contains("would reissue") && out.contains("role agent"),
+        "{out}"
+    );
+    let out = ok(&["certs", "inspect", p(&dir.join("agent.crt"))]);
+    assert!(out.contains("none (the gRPC APIs refuse it)"), "{out}");
+    let out = ok(&["certs", "reissue", "--dir", p(dir)]);
+    assert!(
+        out.contains("reissued") && out.contains("CN=agent-east") && out.contains("role agent"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kept") && out.contains("spiffe://east.meshd/admin"),
+        "{out}"
+    );
+    let out = ok(&[
+        "certs",
+        "inspect",
+        p(&dir.join("agent.crt")),
+        "--ca",
+        p(&dir.join("ca.crt")),
+        "-o",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let cert = &v["certificates"][0];
+    assert_eq!(cert["role"], "spiffe://east.meshd/agent");
+    assert_eq!(cert["subject_cn"], "agent-east");
+    assert_eq!(cert["extended_key_usage"][0], "clientAuth");
+    assert_eq!(cert["chain"]["ok"], true);
+    let out = ok(&["certs", "reissue", "--dir", p(dir)]);
+    assert!(!out.contains("reissued"), "idempotent: {out}");
+}

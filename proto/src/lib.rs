@@ -4,7 +4,8 @@
 //!  proto/mesh/v1/*.proto ─build.rs (tonic-prost-build)─► v1 (messages, clients, server traits)
 //!  servers (apiserver, agent): impl v1::cluster_mesh_server::ClusterMesh
 //!      ─► filter (shared request validation) ─► server::serve_mtls (TLS accept loop,
-//!         hot-reloaded certificate from server::server_tls, graceful shutdown)
+//!         hot-reloaded certificate from server::server_tls, every call authorized by the
+//!         caller certificate's role: server::authz, graceful shutdown)
 //!  meshctl: v1::cluster_mesh_client
 //! ```
 

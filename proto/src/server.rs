@@ -1,9 +1,9 @@
-//! Serving gRPC over mTLS with hot-reloaded certificates, shared by the apiserver and the agent.
+//! Serving gRPC over mTLS with hot-reloaded certificates and per-role authorization, shared by the apiserver and the agent.
 //!
 //! ```text
 //!  TcpListener ─accept─► spawned handshake (tokio-rustls, ≤ HANDSHAKE_TIMEOUT) ─► channel
 //!                                                                                 │
-//!  tonic Server::add_routes(routes).serve_with_incoming_shutdown(…)             ◄┘
+//!  tonic Server::serve_with_incoming_shutdown(Authorized(routes, authz), …)     ◄┘
 //! ```
 //!
 //! The server certificate is resolved per handshake from the [`rustls::ServerConfig`]'s
@@ -24,6 +24,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+
+pub mod authz;
+
+pub use authz::{ACCESS, Authorized, Authorizer, allowed_roles};
 
 /// How long one TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,7 +82,8 @@ pub fn server_tls(
 }
 
 /// Serves `routes` on `listener` over mTLS (`tls`, e.g. from [`server_tls`]) until
-/// `shutdown`.
+/// `shutdown`, letting through only the calls `authz` allows (the role in the client
+/// certificate, per method: [`ACCESS`]).
 ///
 /// Each accepted connection is TLS-handshaken in its own task (bounded by
 /// [`HANDSHAKE_TIMEOUT`]; failures are logged at debug and do not stop the server) and
@@ -88,19 +93,22 @@ pub async fn serve_mtls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     routes: Routes,
+    authz: Authorizer,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving the gRPC API (mTLS)");
+        tracing::info!(%addr, cluster = authz.cluster(), "serving the gRPC API (mTLS, authorized by role)");
     }
     let (tx, rx) = mpsc::channel::<TlsStream<TcpStream>>(QUEUE);
     let stop_accepting = shutdown.child_token();
     let accept = accept_loop(listener, TlsAcceptor::from(tls), tx, stop_accepting.clone());
     let incoming =
         tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
-    let server = tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
+        Authorized::new(routes.prepare(), authz),
+        incoming,
+        shutdown.clone().cancelled_owned(),
+    );
     let serve = async {
         let grace = async {
             shutdown.cancelled().await;

@@ -14,7 +14,7 @@ use clustermesh_apiserver::source::kube::{KubeSource, KubeSourceConfig};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
 use kube::api::{Api, PostParams};
 use mesh_agent::runtime::{Agent, AgentConfig, PeerAccess};
-use mesh_certs::{CertRequest, CertificateAuthority};
+use mesh_certs::{CertRequest, CertificateAuthority, Role};
 use meshd::kube::PeerSecretWatcher;
 use meshd::kv::{EtcdConfig, EtcdStore, KvStore};
 use meshd::metrics::ReflectorMetrics;
@@ -85,6 +85,8 @@ impl KubeCluster {
             supervisor: supervisor_config(&name, id),
             peers_dir: std::path::PathBuf::new(),
             heartbeat_mirror: Duration::from_millis(200),
+            limits: meshd::trust::PeerLimits::default(),
+            trust_metrics: meshd::metrics::TrustMetrics::default(),
         };
         let peers = PeerSecretWatcher::new(client.clone(), MESHD_NAMESPACE)
             .with_events("clustermesh-apiserver", Some("apiserver-0".into()))
@@ -113,6 +115,8 @@ impl KubeCluster {
                 supervisor,
                 peers_dir: std::path::PathBuf::new(),
                 access: PeerAccess::Cached,
+                limits: meshd::trust::PeerLimits::default(),
+                trust_metrics: meshd::metrics::TrustMetrics::default(),
             },
             store.clone(),
             ReflectorMetrics::default(),
@@ -178,8 +182,12 @@ async fn install(
     Api::<Service>::namespaced(client.clone(), MESHD_NAMESPACE)
         .create(&pp, &svc)
         .await?;
+    // Pods of cluster ID n get `test_ip` addresses inside the /25 this node advertises
+    // (n = 1: 198.18.0.0/25, n = 2: 198.18.0.128/25, ...); a peer may claim only those.
+    let cidr = ipnet::Ipv4Net::new(crate::objects::test_ip((u32::from(id.get()) - 1) * 128), 25)?;
     let node: Node = serde_json::from_value(json!({
         "metadata": {"name": "node-1"},
+        "spec": {"podCIDR": cidr.to_string(), "podCIDRs": [cidr.to_string()]},
         "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
                    "conditions": [{"type": "Ready", "status": "True"}]},
     }))?;
@@ -234,7 +242,8 @@ pub async fn credential_by_context(
         Ok(IpAddr::V4(ip)) if ip == Ipv4Addr::LOCALHOST => Some("localhost".to_owned()),
         _ => Some(endpoint.tls_server_name.clone()),
     };
-    let root = ca.issue(&CertRequest::client("root"))?;
+    let root =
+        ca.issue(&CertRequest::client("root").with_role(config.name.as_str(), Role::Admin))?;
     let etcd = EtcdStore::connect(&EtcdConfig {
         endpoints: vec![endpoint.url()],
         ca_pem: Some(ca_pem.clone()),
@@ -247,7 +256,10 @@ pub async fn credential_by_context(
     })
     .await?;
     bootstrap::add_remote_user(&etcd.client(), reader).await?;
-    let cert = ca.issue(&CertRequest::client(&bootstrap::remote_user(reader)))?;
+    let cert = ca.issue(
+        &CertRequest::client(&bootstrap::remote_user(reader))
+            .with_role(config.name.as_str(), Role::Peer),
+    )?;
     Ok(PeerCredential {
         name: config.name,
         cluster_id: config.id,

@@ -9,7 +9,7 @@ use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::kvstoremesh::{self, KvStoreMeshConfig};
 use clustermesh_apiserver::source::{ChannelSource, Object, SourceEvent};
 use mesh_agent::runtime::{Agent, AgentConfig, PeerAccess};
-use mesh_certs::CertRequest;
+use mesh_certs::{CertRequest, Role};
 use meshd::kv::KvStore;
 use meshd::metrics::ReflectorMetrics;
 use meshd::model::{ClusterId, ClusterName, MaxConnectedClusters};
@@ -104,12 +104,26 @@ impl TestCluster {
 
     /// Starts kvstoremesh, mirroring this cluster's peers into its etcd.
     pub fn start_kvstoremesh(&mut self) {
+        self.start_kvstoremesh_with(
+            meshd::trust::PeerLimits::default(),
+            meshd::metrics::TrustMetrics::default(),
+        );
+    }
+
+    /// Starts kvstoremesh with per-peer `limits`, counting its refusals into `trust`.
+    pub fn start_kvstoremesh_with(
+        &mut self,
+        limits: meshd::trust::PeerLimits,
+        trust: meshd::metrics::TrustMetrics,
+    ) {
         let shutdown = CancellationToken::new();
         let (tx, rx) = watch::channel(Vec::new());
         let cfg = KvStoreMeshConfig {
             supervisor: supervisor_config(&self.name, self.id),
             peers_dir: self.peers_dir.path().to_owned(),
             heartbeat_mirror: Duration::from_millis(200),
+            limits,
+            trust_metrics: trust,
         };
         let task = tokio::spawn({
             let (store, shutdown) = (self.store.clone(), shutdown.clone());
@@ -147,8 +161,34 @@ impl TestCluster {
         self.start_agent_with(access, ReflectorMetrics::default())
     }
 
+    /// Starts an agent of this cluster whose peer guard has `limits` and counts into
+    /// `trust`.
+    pub fn start_agent_with_limits(
+        &self,
+        access: PeerAccess,
+        limits: meshd::trust::PeerLimits,
+        trust: meshd::metrics::TrustMetrics,
+    ) -> Agent {
+        self.start_agent_full(access, ReflectorMetrics::default(), limits, trust)
+    }
+
     /// Starts an agent of this cluster counting into `metrics`.
     pub fn start_agent_with(&self, access: PeerAccess, metrics: ReflectorMetrics) -> Agent {
+        self.start_agent_full(
+            access,
+            metrics,
+            meshd::trust::PeerLimits::default(),
+            meshd::metrics::TrustMetrics::default(),
+        )
+    }
+
+    fn start_agent_full(
+        &self,
+        access: PeerAccess,
+        metrics: ReflectorMetrics,
+        limits: meshd::trust::PeerLimits,
+        trust_metrics: meshd::metrics::TrustMetrics,
+    ) -> Agent {
         let mut supervisor = supervisor_config(&self.name, self.id);
         if access == PeerAccess::Cached {
             // The cache's heartbeat copy moves only when kvstoremesh sees a new one.
@@ -159,6 +199,8 @@ impl TestCluster {
                 supervisor,
                 peers_dir: self.peers_dir.path().to_owned(),
                 access,
+                limits,
+                trust_metrics,
             },
             self.store.clone(),
             metrics,
@@ -169,10 +211,10 @@ impl TestCluster {
     pub async fn credential_for(&self, reader: &ClusterName) -> anyhow::Result<PeerCredential> {
         let root = self.etcd.root_store().await?;
         bootstrap::add_remote_user(&root.client(), reader).await?;
-        let cert = self
-            .etcd
-            .ca()
-            .issue(&CertRequest::client(&bootstrap::remote_user(reader)))?;
+        let cert = self.etcd.ca().issue(
+            &CertRequest::client(&bootstrap::remote_user(reader))
+                .with_role(self.name.as_str(), Role::Peer),
+        )?;
         Ok(PeerCredential {
             name: self.name.clone(),
             cluster_id: self.id,

@@ -12,7 +12,7 @@ use clustermesh_apiserver::export::ExportConfig;
 use mesh_agent::api::{self, AgentApi};
 use mesh_agent::metrics::{self, AgentMetrics};
 use mesh_agent::runtime::PeerAccess;
-use mesh_certs::{CertRequest, CertificateAuthority, IssuedCert};
+use mesh_certs::{CertRequest, CertificateAuthority, IssuedCert, Role};
 use mesh_proto::server::{ServeError, serve_mtls, server_tls};
 use mesh_proto::v1::cluster_mesh_client::ClusterMeshClient;
 use mesh_proto::v1::{
@@ -38,6 +38,11 @@ fn ip(c: u8, i: u8) -> Ipv4Addr {
 /// A server certificate for 127.0.0.1 / localhost.
 fn server_request(cn: &str) -> CertRequest {
     CertRequest::server(cn, &["localhost"], &[IpAddr::V4(Ipv4Addr::LOCALHOST)])
+}
+
+/// meshctl's client certificate: role admin of `cluster`.
+fn admin_request(cluster: &str) -> CertRequest {
+    CertRequest::client("meshctl").with_role(cluster, Role::Admin)
 }
 
 /// A tonic client of `addr` trusting `ca`, presenting `identity`.
@@ -103,10 +108,12 @@ async fn agent_api_over_mtls_with_two_clusters() {
     );
     let shutdown = CancellationToken::new();
     let api = AgentApi::new(&supervisor_config(&east.name, east.id), handles.clone());
+    let authz = api.authorizer();
     let grpc: tokio::task::JoinHandle<Result<(), ServeError>> = tokio::spawn(serve_mtls(
         grpc_listener,
         tls,
         api.routes(),
+        authz,
         shutdown.clone(),
     ));
     let health = tokio::spawn(meshd::health::serve_health(
@@ -121,7 +128,7 @@ async fn agent_api_over_mtls_with_two_clusters() {
         handles.status.clone(),
         shutdown.clone(),
     ));
-    let me = ca.issue(&CertRequest::client("meshctl")).unwrap();
+    let me = ca.issue(&admin_request("east")).unwrap();
     let mut c = client(grpc_addr, &ca, &me).await.unwrap();
 
     // GetStatus: ready, west ready with its counts.
@@ -420,7 +427,7 @@ async fn mesh_agent_binary_becomes_ready_and_stops_on_sigterm() {
         has_line(&text, "mesh_clustermesh_remote_clusters 0"),
         "{text}"
     );
-    let me = api_ca.issue(&CertRequest::client("meshctl")).unwrap();
+    let me = api_ca.issue(&admin_request("east")).unwrap();
     let mut c = client(SocketAddr::from((Ipv4Addr::LOCALHOST, grpc)), &api_ca, &me)
         .await
         .unwrap();
@@ -479,7 +486,7 @@ async fn apiserver_lists_its_exported_ipcache() {
         api,
         shutdown.clone(),
     ));
-    let me = ca.issue(&CertRequest::client("meshctl")).unwrap();
+    let me = ca.issue(&admin_request("east")).unwrap();
     let mut c = client(addr, &ca, &me).await.unwrap();
 
     let entries = c

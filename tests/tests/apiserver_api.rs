@@ -11,7 +11,7 @@ use clustermesh_apiserver::api::{ApiError, ClusterMeshApi, serve_grpc, server_tl
 use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::health::{METRICS_CONTENT_TYPE, serve_health};
 use clustermesh_apiserver::source::{ChannelSource, Object, SourceEvent};
-use mesh_certs::{CertRequest, CertificateAuthority, IssuedCert};
+use mesh_certs::{CertRequest, CertificateAuthority, IssuedCert, Role};
 use mesh_proto::v1::cluster_mesh_client::ClusterMeshClient;
 use mesh_proto::v1::{ClusterStatus, GetStatusRequest, ListIdentitiesRequest, ListServicesRequest};
 use mesh_tests::exporter::RunningExporter;
@@ -112,6 +112,7 @@ fn server_request() -> CertRequest {
         &["localhost"],
         &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
     )
+    .with_role("east", Role::Apiserver)
 }
 
 impl Harness {
@@ -128,7 +129,8 @@ impl Harness {
         let dir = tempfile::Builder::new().prefix("mesh-api-").tempdir()?;
         let server_cert = ca.issue(&server_request())?;
         let (crt, key) = server_cert.write_files(dir.path(), "server")?;
-        let client_cert = ca.issue(&CertRequest::client("meshctl"))?;
+        let client_cert =
+            ca.issue(&CertRequest::client("meshctl").with_role("east", Role::Admin))?;
         let (tls, _pair) = server_tls(crt, key, ca.cert_pem())?;
 
         let grpc_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
@@ -478,7 +480,9 @@ async fn clients_without_a_cluster_ca_certificate_are_refused() {
     let _idle = TcpStream::connect(h.grpc_addr).await.unwrap();
 
     let other_ca = CertificateAuthority::generate("other-ca", Duration::from_secs(86_400)).unwrap();
-    let foreign = other_ca.issue(&CertRequest::client("meshctl")).unwrap();
+    let foreign = other_ca
+        .issue(&CertRequest::client("meshctl").with_role("east", Role::Admin))
+        .unwrap();
     let e = h
         .status_as(h.ca.cert_pem(), Some(&foreign))
         .await

@@ -29,7 +29,7 @@ use mesh_agent::runtime::{Agent, PeerAccess, ViewHandles};
 use mesh_tests::init_tracing;
 use mesh_tests::lab::{Bpffs, Cgroup, Lab, Pod, python};
 use mesh_tests::mesh::{TestCluster, connect};
-use mesh_tests::objects::{endpoint_slice, pod, service};
+use mesh_tests::objects::{endpoint_slice, node, pod, service};
 use mesh_tests::require_root;
 use mesh_tests::util::ChildGuard;
 use meshd::model::MaxConnectedClusters;
@@ -198,6 +198,12 @@ fn slice(name: &str, backends: &[Ipv4Addr]) -> k8s_openapi::api::discovery::v1::
 
 fn objects(c: u8) -> Vec<Object> {
     let mut v = vec![
+        // The node advertises the pod CIDR its pods are in (a peer may claim only those).
+        Object::Node(Box::new(node(
+            "node",
+            Ipv4Addr::new(198, 19, 0, c),
+            &format!("198.18.{}.0/24", 110 + c),
+        ))),
         Object::Pod(Box::new(pod(
             "shop",
             &format!("web-{c}"),

@@ -28,11 +28,11 @@ use mesh_agent::datapath::iface::RouteResolver;
 use mesh_agent::datapath::sync::{DatapathMetrics, Enforcement, SyncConfig, SyncInputs, Syncer};
 use mesh_agent::datapath::{AyaConfig, AyaDatapath, Direction, PolicyRule, Verdict, abi};
 use mesh_agent::runtime::PeerAccess;
-use mesh_certs::{CertRequest, CertificateAuthority};
+use mesh_certs::{CertRequest, CertificateAuthority, Role};
 use mesh_proto::server::{serve_mtls, server_tls};
 use mesh_tests::lab::{Bpffs, Lab, Pod, python};
 use mesh_tests::mesh::{TestCluster, connect, supervisor_config};
-use mesh_tests::objects::pod;
+use mesh_tests::objects::{node, pod};
 use mesh_tests::util::{ChildGuard, eventually, eventually_some};
 use mesh_tests::{bin_path, init_tracing, require_root};
 use meshd::ctl::admin::{AdminEntry, AdminExtension, write_kubeconfig};
@@ -166,7 +166,14 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
         }
     }))
     .unwrap();
+    // Each cluster's node advertises the pod CIDR its pods are in (a peer may claim only
+    // addresses inside its own nodes' ranges).
     let east_objects = vec![
+        Object::Node(Box::new(node(
+            "node-e",
+            Ipv4Addr::new(198, 19, 0, 1),
+            "198.18.131.0/24",
+        ))),
         Object::Pod(Box::new(pod(
             "shop",
             "db-0",
@@ -177,6 +184,11 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
         Object::Policy(policy),
     ];
     let west_objects = vec![
+        Object::Node(Box::new(node(
+            "node-w",
+            Ipv4Addr::new(198, 19, 0, 2),
+            "198.18.132.0/24",
+        ))),
         Object::Pod(Box::new(pod(
             "shop",
             "api-0",
@@ -306,7 +318,7 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
         .write_files(dir.path(), "agent")
         .unwrap();
     let (root_crt, root_key) = ca
-        .issue(&CertRequest::client("root"))
+        .issue(&CertRequest::client("root").with_role(east.name.as_str(), Role::Admin))
         .unwrap()
         .write_files(dir.path(), "root")
         .unwrap();
@@ -315,7 +327,14 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
     let grpc_addr = listener.local_addr().unwrap();
     let api_server = AgentApi::new(&supervisor_config(&east.name, east.id), h.clone())
         .with_datapath(sync_handles.clone());
-    let grpc = tokio::spawn(serve_mtls(listener, tls, api_server.routes(), stop.clone()));
+    let authz = api_server.authorizer();
+    let grpc = tokio::spawn(serve_mtls(
+        listener,
+        tls,
+        api_server.routes(),
+        authz,
+        stop.clone(),
+    ));
 
     // How meshctl addresses the cluster: an admin kubeconfig naming the agent's endpoint.
     let kubeconfig = dir.path().join("kubeconfig");

@@ -115,18 +115,43 @@ fn up_is_ready_idempotent_and_down_leaves_nothing() {
         assert!(st_out.contains("RECORDING"), "{}", text(&st));
     }
 
-    // Idempotent: already up, nothing new started.
+    // A mesh set up before certificates carried roles: east's admin certificate has none, so
+    // the gRPC APIs refuse meshctl (and say why) until `up` on the running mesh reissues it.
+    let pki = dir.join("east/pki");
+    let ca = mesh_certs::CertificateAuthority::from_files(&pki.join("ca.crt"), &pki.join("ca.key"))
+        .expect("east's CA");
+    ca.issue(&mesh_certs::CertRequest::client("root"))
+        .and_then(|c| c.write_files(&pki, "root"))
+        .expect("a role-less root certificate");
+    let refused = meshctl(&["status", "-o", "json"], &dir);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("CN=root carries no role"),
+        "{}",
+        text(&refused)
+    );
+
+    // Idempotent: already up, nothing new started; the role-less certificate is reissued.
     let again = meshctl(&["up", "--clusters", "2", "--examples", examples], &dir);
     assert!(
         again.status.success(),
         "second up failed:\n{}",
         text(&again)
     );
+    let again_out = String::from_utf8_lossy(&again.stdout);
     assert!(
-        String::from_utf8_lossy(&again.stdout).contains("already up"),
+        again_out.contains("already up"),
         "second up did not say already up:\n{}",
         text(&again)
     );
+    assert!(
+        again_out.contains("root.crt (CN=root) with role admin")
+            && again_out.matches("reissued").count() == 1,
+        "second up did not reissue exactly the role-less certificate:\n{}",
+        text(&again)
+    );
+    let st = meshctl(&["status"], &dir);
+    assert!(st.status.success(), "{}", text(&st));
     let state2 = read_state(&dir).expect("state.json after second up");
     assert_eq!(pids(&state2), first_pids, "second up changed the PIDs");
     let needle = dir.display().to_string();

@@ -344,7 +344,7 @@ mod tests {
             .unwrap();
         let pki = dir.join(name);
         ca.write_files(&pki, "ca").unwrap();
-        ca.issue(&CertRequest::client("root"))
+        ca.issue(&CertRequest::client("root").with_role(name, mesh_certs::Role::Admin))
             .unwrap()
             .write_files(&pki, "root")
             .unwrap();

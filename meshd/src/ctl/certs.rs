@@ -1,4 +1,4 @@
-//! `meshctl certs`: create a cluster CA, issue certificates from it, inspect and verify certificate files.
+//! `meshctl certs`: create a cluster CA, issue certificates (with their role) from it, reissue role-less ones, inspect and verify certificate files.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use clap::{Subcommand, ValueEnum};
-use mesh_certs::{CertInfo, CertRequest, CertUsage, CertificateAuthority};
+use mesh_certs::{
+    CLOCK_SKEW_BACKDATE, CertInfo, CertRequest, CertUsage, CertificateAuthority, Role, RoleError,
+};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde::Serialize;
@@ -60,12 +62,41 @@ pub enum CertsCommand {
         /// What the certificate may be used for (extended key usage).
         #[arg(long, value_enum, default_value_t = UsageArg::Server)]
         usage: UsageArg,
+        /// The role the certificate carries (SAN URI `spiffe://<cluster>.meshd/<role>`), which
+        /// the gRPC APIs authorize every call by: `admin` (meshctl, `root`), `agent`,
+        /// `apiserver`, `peer`. Without it the gRPC APIs refuse the certificate (etcd, which
+        /// goes by the CN, does not care).
+        #[arg(long, value_parser = parse_role)]
+        role: Option<Role>,
+        /// Cluster of the role (default: from the CA's CN `meshd-<cluster>-ca`).
+        #[arg(long, requires = "role")]
+        cluster: Option<ClusterName>,
         /// Validity: `Nd`, `Ny`, `Nh` (also `Nm`, `Ns`).
         #[arg(long, default_value = "365d", value_parser = parse_validity)]
         validity: Duration,
         /// Overwrite existing <name>.crt / <name>.key.
         #[arg(long)]
         force: bool,
+    },
+    /// Reissue, in place, every certificate of DIR that carries no role, with the role its CN
+    /// implies (`root`, `meshctl`, `admin-*` → admin; `agent-*`, `mesh-agent` → agent;
+    /// `apiserver-*`, `clustermesh-apiserver` → apiserver; `remote-*` → peer) and otherwise
+    /// the same CN, SANs, usage and validity length, from DIR/ca.{crt,key}.
+    ///
+    /// For meshes set up before certificates carried roles (the gRPC APIs refuse role-less
+    /// certificates). Servers pick up their new certificate without a restart; `meshctl up`
+    /// on a running mesh does this by itself. Certificates with a role, of another CA, or whose
+    /// CN implies no role (e.g. `etcd`) are left alone.
+    Reissue {
+        /// Directory holding ca.crt, ca.key and the <name>.crt/<name>.key pairs.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Cluster of the roles (default: from the CA's CN `meshd-<cluster>-ca`).
+        #[arg(long)]
+        cluster: Option<ClusterName>,
+        /// Only say what would be reissued.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show what certificate files hold; optionally verify them against a CA.
     ///
@@ -106,6 +137,54 @@ impl From<UsageArg> for CertUsage {
             UsageArg::Both => CertUsage::ServerAndClient,
         }
     }
+}
+
+/// Parses a `--role` value.
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse().map_err(|e: RoleError| e.to_string())
+}
+
+/// The role a certificate with CN `cn` stands for in meshd's naming (etcd users and the
+/// certificates `meshctl up` issues); `None` for names without a role (e.g. `etcd`).
+pub(super) fn role_for_cn(cn: &str) -> Option<Role> {
+    match cn {
+        "root" | "meshctl" | "admin" => Some(Role::Admin),
+        "mesh-agent" => Some(Role::Agent),
+        "clustermesh-apiserver" => Some(Role::Apiserver),
+        _ if cn.starts_with("admin-") => Some(Role::Admin),
+        _ if cn.starts_with("agent-") => Some(Role::Agent),
+        _ if cn.starts_with("apiserver-") => Some(Role::Apiserver),
+        _ if cn.starts_with("remote-") => Some(Role::Peer),
+        _ => None,
+    }
+}
+
+/// The cluster a CA made by `meshctl certs init` or `meshctl up` belongs to: its CN is
+/// `meshd-<cluster>-ca`.
+fn cluster_of_ca(ca: &CertificateAuthority) -> Option<ClusterName> {
+    let cn = ca.info().subject_cn.as_deref()?;
+    let name = cn.strip_prefix("meshd-")?.strip_suffix("-ca")?;
+    ClusterName::new(name).ok()
+}
+
+/// `--cluster`, else the CA's cluster, else an error saying to pass `--cluster`.
+fn roles_cluster(
+    given: Option<&ClusterName>,
+    ca: &CertificateAuthority,
+    ca_path: &Path,
+) -> Result<ClusterName, CtlError> {
+    given
+        .cloned()
+        .or_else(|| cluster_of_ca(ca))
+        .ok_or_else(|| CtlError::InvalidArg {
+            flag: "--cluster",
+            value: String::new(),
+            reason: format!(
+                "needed with roles: the CA {} ({}) is not named meshd-<cluster>-ca",
+                ca_path.display(),
+                ca.info().subject
+            ),
+        })
 }
 
 /// Parses a validity or window length: `Ny` (365 days each), `Nd`, and everything
@@ -159,6 +238,8 @@ pub(super) fn run(cmd: &CertsCommand, out: &mut impl Write) -> Result<Status, Ct
             dns,
             ip,
             usage,
+            role,
+            cluster,
             validity,
             force,
         } => issue(
@@ -169,11 +250,27 @@ pub(super) fn run(cmd: &CertsCommand, out: &mut impl Write) -> Result<Status, Ct
                 dns,
                 ip,
                 usage: *usage,
+                role: *role,
+                cluster: cluster.as_ref(),
                 validity: *validity,
                 force: *force,
             },
             out,
         ),
+        CertsCommand::Reissue {
+            dir,
+            cluster,
+            dry_run,
+        } => {
+            let outcomes = reissue_roles(dir, cluster.as_ref(), *dry_run)?;
+            if outcomes.is_empty() {
+                writeln!(out, "no certificates besides the CA in {}", dir.display())?;
+            }
+            for o in &outcomes {
+                writeln!(out, "{o}")?;
+            }
+            Ok(Status::Ok)
+        }
         CertsCommand::Inspect {
             files,
             ca,
@@ -229,6 +326,8 @@ struct IssueArgs<'a> {
     dns: &'a [String],
     ip: &'a [String],
     usage: UsageArg,
+    role: Option<Role>,
+    cluster: Option<&'a ClusterName>,
     validity: Duration,
     force: bool,
 }
@@ -288,9 +387,13 @@ fn issue(a: &IssueArgs<'_>, out: &mut impl Write) -> Result<Status, CtlError> {
             context: format!("loading CA {} + {}", ca_crt.display(), ca_key.display()),
             source,
         })?;
-    let request = CertRequest::server(a.cn, &dns, &ips)
+    let mut request = CertRequest::server(a.cn, &dns, &ips)
         .with_usage(a.usage.into())
         .with_validity(a.validity);
+    if let Some(role) = a.role {
+        let cluster = roles_cluster(a.cluster, &ca, &ca_crt)?;
+        request = request.with_role(cluster.as_str(), role);
+    }
     let issued = ca.issue(&request).map_err(|source| CtlError::Cert {
         context: format!("issuing certificate for CN {:?}", a.cn),
         source,
@@ -315,10 +418,17 @@ fn issue(a: &IssueArgs<'_>, out: &mut impl Write) -> Result<Status, CtlError> {
         join_or_none(&info.extended_key_usage),
         fmt_time(info.not_after)
     )?;
-    if !info.dns_names.is_empty() || !info.ip_addresses.is_empty() {
+    if !info.dns_names.is_empty() || !info.ip_addresses.is_empty() || !info.uris.is_empty() {
         writeln!(out, "  SANs: {}", sans(&info))?;
     }
     writeln!(out, "wrote {} (private key, mode 0600)", key.display())?;
+    if a.role.is_none() && a.usage != UsageArg::Server {
+        let hint = role_for_cn(a.cn).map_or_else(String::new, |r| format!(" (--role {r}?)"));
+        writeln!(
+            out,
+            "note: no --role: the gRPC APIs of meshd refuse this certificate{hint}; etcd goes by the CN and accepts it"
+        )?;
+    }
     if a.usage != UsageArg::Client && dns.is_empty() && ips.is_empty() {
         writeln!(
             out,
@@ -326,6 +436,196 @@ fn issue(a: &IssueArgs<'_>, out: &mut impl Write) -> Result<Status, CtlError> {
         )?;
     }
     Ok(Status::Ok)
+}
+
+/// What `reissue` did (or would do) with one certificate file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Reissued {
+    /// The certificate file.
+    pub(super) file: PathBuf,
+    /// Its subject.
+    pub(super) subject: String,
+    /// What happened.
+    pub(super) action: ReissueAction,
+}
+
+/// See [`Reissued`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ReissueAction {
+    /// Reissued with this role (or would be, in a dry run).
+    Reissued { role: Role, dry_run: bool },
+    /// Left alone: it carries a role already.
+    HasRole(String),
+    /// Left alone, and why.
+    Skipped(String),
+}
+
+impl std::fmt::Display for Reissued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let file = self.file.display();
+        let subject = &self.subject;
+        match &self.action {
+            ReissueAction::Reissued {
+                role,
+                dry_run: false,
+            } => {
+                write!(f, "reissued {file} ({subject}) with role {role}")
+            }
+            ReissueAction::Reissued {
+                role,
+                dry_run: true,
+            } => {
+                write!(f, "would reissue {file} ({subject}) with role {role}")
+            }
+            ReissueAction::HasRole(uri) => write!(f, "kept {file} ({subject}): has role {uri}"),
+            ReissueAction::Skipped(why) => write!(f, "skipped {file} ({subject}): {why}"),
+        }
+    }
+}
+
+/// Reissues every role-less certificate `<stem>.crt` (with its `<stem>.key`) of `dir` that
+/// `dir/ca.crt` issued, with the role its CN implies ([`role_for_cn`]) in `cluster` (default:
+/// the CA's), keeping CN, DNS/IP SANs, usage and validity length. Keys are new; both files are
+/// replaced atomically (key first). Files in name order.
+pub(super) fn reissue_roles(
+    dir: &Path,
+    cluster: Option<&ClusterName>,
+    dry_run: bool,
+) -> Result<Vec<Reissued>, CtlError> {
+    let (ca_crt, ca_key) = pair_paths(dir, CA_STEM);
+    for (what, path) in [("certificate", &ca_crt), ("key", &ca_key)] {
+        if !path.exists() {
+            return Err(CtlError::CaMissing {
+                what,
+                path: path.clone(),
+                dir: dir.to_owned(),
+            });
+        }
+    }
+    let ca =
+        CertificateAuthority::from_files(&ca_crt, &ca_key).map_err(|source| CtlError::Cert {
+            context: format!("loading CA {} + {}", ca_crt.display(), ca_key.display()),
+            source,
+        })?;
+    let cluster = roles_cluster(cluster, &ca, &ca_crt)?;
+    let rd = std::fs::read_dir(dir).map_err(|source| CtlError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut stems = Vec::new();
+    for entry in rd {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".crt")
+            && stem != CA_STEM
+            && !stem.starts_with('.')
+            && entry.file_type()?.is_file()
+        {
+            stems.push(stem.to_owned());
+        }
+    }
+    stems.sort();
+    let mut out = Vec::new();
+    for stem in stems {
+        let (crt, key) = pair_paths(dir, &stem);
+        let pem = read(&crt)?;
+        let done = |subject: String, action| Reissued {
+            file: crt.clone(),
+            subject,
+            action,
+        };
+        let info = match mesh_certs::inspect_pem(&pem) {
+            Ok(infos) => match infos.into_iter().next() {
+                Some(i) => i,
+                None => continue,
+            },
+            Err(e) => {
+                out.push(done(
+                    "?".into(),
+                    ReissueAction::Skipped(format!("unreadable: {}", error_chain(&e))),
+                ));
+                continue;
+            }
+        };
+        let skip = |why: String| done(info.subject.clone(), ReissueAction::Skipped(why));
+        if info.is_ca {
+            out.push(skip("a CA certificate".into()));
+            continue;
+        }
+        if !key.exists() {
+            out.push(skip(format!("no key {} next to it", key.display())));
+            continue;
+        }
+        if let Err(e) = mesh_certs::verify_chain(&pem, ca.cert_pem()) {
+            out.push(skip(format!(
+                "not a valid certificate of {}: {}",
+                ca_crt.display(),
+                error_chain(&e)
+            )));
+            continue;
+        }
+        // No role, a malformed one or several: replaced by the one the CN implies.
+        if let Ok(p) = info.principal() {
+            out.push(done(info.subject.clone(), ReissueAction::HasRole(p.uri())));
+            continue;
+        }
+        let cn = info.subject_cn.clone().unwrap_or_default();
+        let Some(role) = role_for_cn(&cn) else {
+            out.push(skip(format!("CN {cn:?} implies no role")));
+            continue;
+        };
+        if dry_run {
+            out.push(done(
+                info.subject.clone(),
+                ReissueAction::Reissued {
+                    role,
+                    dry_run: true,
+                },
+            ));
+            continue;
+        }
+        let issued = ca
+            .issue(&same_request(&info, &cn).with_role(cluster.as_str(), role))
+            .map_err(|source| CtlError::Cert {
+                context: format!("reissuing {} ({})", crt.display(), info.subject),
+                source,
+            })?;
+        issued
+            .write_files(dir, &stem)
+            .map_err(|source| CtlError::Cert {
+                context: format!("writing {}", crt.display()),
+                source,
+            })?;
+        out.push(done(
+            info.subject.clone(),
+            ReissueAction::Reissued {
+                role,
+                dry_run: false,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// A request for a certificate like `info` (CN, DNS/IP SANs, usage, validity length; the
+/// backdating of its notBefore is not counted twice).
+fn same_request(info: &CertInfo, cn: &str) -> CertRequest {
+    let has = |eku: &str| info.extended_key_usage.iter().any(|e| e == eku);
+    let usage = match (has("serverAuth"), has("clientAuth")) {
+        (true, true) => CertUsage::ServerAndClient,
+        (false, true) => CertUsage::Client,
+        _ => CertUsage::Server,
+    };
+    let length = Duration::try_from(info.not_after - info.not_before).unwrap_or(Duration::ZERO);
+    let validity = length
+        .checked_sub(CLOCK_SKEW_BACKDATE)
+        .filter(|d| !d.is_zero())
+        .unwrap_or(length)
+        .max(Duration::from_secs(3600));
+    let dns: Vec<&str> = info.dns_names.iter().map(String::as_str).collect();
+    CertRequest::server(cn, &dns, &info.ip_addresses)
+        .with_usage(usage)
+        .with_validity(validity)
 }
 
 /// A file stem for `issue --name`: a plain file name that is not the CA's.
@@ -373,6 +673,9 @@ struct CertReport {
     extended_key_usage: Vec<String>,
     dns_names: Vec<String>,
     ip_addresses: Vec<String>,
+    uris: Vec<String>,
+    /// The role (`spiffe://<cluster>.meshd/<role>`), if it carries one.
+    role: Option<String>,
     /// `None` without `--ca`.
     chain: Option<ChainReport>,
     expired: bool,
@@ -490,6 +793,8 @@ fn report(
         extended_key_usage: info.extended_key_usage.clone(),
         dns_names: info.dns_names.clone(),
         ip_addresses: info.ip_addresses.iter().map(ToString::to_string).collect(),
+        uris: info.uris.clone(),
+        role: info.principal().ok().map(|p| p.uri()),
         chain,
         expired,
         not_yet_valid,
@@ -513,12 +818,19 @@ fn write_table(
             .iter()
             .map(|d| format!("DNS:{d}"))
             .chain(c.ip_addresses.iter().map(|ip| format!("IP:{ip}")))
+            .chain(c.uris.iter().map(|u| format!("URI:{u}")))
             .collect::<Vec<_>>();
-        let rows: [(&str, String); 10] = [
+        let role = match &c.role {
+            Some(uri) => uri.clone(),
+            None if c.is_ca => "-".to_owned(),
+            None => "none (the gRPC APIs refuse it)".to_owned(),
+        };
+        let rows: [(&str, String); 11] = [
             ("subject", c.subject.clone()),
             ("issuer", c.issuer.clone()),
             ("serial", c.serial.clone()),
             ("SANs", join_or_none(&sans)),
+            ("role", role),
             ("not before", c.not_before.clone()),
             (
                 "not after",
@@ -626,6 +938,7 @@ fn sans(info: &CertInfo) -> String {
         .iter()
         .map(|d| format!("DNS:{d}"))
         .chain(info.ip_addresses.iter().map(|ip| format!("IP:{ip}")))
+        .chain(info.uris.iter().map(|u| format!("URI:{u}")))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -670,6 +983,149 @@ mod tests {
         for bad in ["", "ca", "../x", "a/b", ".."] {
             assert!(check_stem(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn ctl_roles_from_common_names() {
+        for (cn, role) in [
+            ("root", Some(Role::Admin)),
+            ("meshctl", Some(Role::Admin)),
+            ("admin-east", Some(Role::Admin)),
+            ("agent-east", Some(Role::Agent)),
+            ("mesh-agent", Some(Role::Agent)),
+            ("apiserver-east", Some(Role::Apiserver)),
+            ("clustermesh-apiserver", Some(Role::Apiserver)),
+            ("remote-west", Some(Role::Peer)),
+            ("etcd", None),
+            ("rooted", None),
+        ] {
+            assert_eq!(role_for_cn(cn), role, "{cn}");
+        }
+    }
+
+    /// A pki directory of role-less certificates (as `meshctl up` wrote them before roles):
+    /// reissue gives each the role its CN implies, keeps the rest, and is idempotent.
+    #[test]
+    fn ctl_reissue_adds_roles_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca =
+            CertificateAuthority::generate("meshd-east-ca", Duration::from_secs(86_400)).unwrap();
+        ca.write_files(d, CA_STEM).unwrap();
+        let lo = [IpAddr::from([127, 0, 0, 1])];
+        for (stem, req) in [
+            ("root", CertRequest::client("root")),
+            ("agent", CertRequest::client("agent-east")),
+            (
+                "agent-grpc",
+                CertRequest::server("mesh-agent", &["localhost"], &lo),
+            ),
+            (
+                "etcd-server",
+                CertRequest::server_and_client("etcd", &["localhost"], &lo),
+            ),
+            (
+                "meshctl",
+                CertRequest::client("meshctl").with_role("east", Role::Admin),
+            ),
+        ] {
+            ca.issue(&req.with_validity(Duration::from_secs(30 * DAY)))
+                .unwrap()
+                .write_files(d, stem)
+                .unwrap();
+        }
+        let other =
+            CertificateAuthority::generate("meshd-west-ca", Duration::from_secs(3600)).unwrap();
+        other
+            .issue(&CertRequest::client("root"))
+            .unwrap()
+            .write_files(d, "foreign")
+            .unwrap();
+        let before = std::fs::read_to_string(d.join("agent-grpc.crt")).unwrap();
+
+        let dry = reissue_roles(d, None, true).unwrap();
+        assert!(dry.iter().any(|r| r.action
+            == ReissueAction::Reissued {
+                role: Role::Admin,
+                dry_run: true
+            }));
+        assert_eq!(
+            std::fs::read_to_string(d.join("agent-grpc.crt")).unwrap(),
+            before
+        );
+
+        let done = reissue_roles(d, None, false).unwrap();
+        let action = |stem: &str| {
+            done.iter()
+                .find(|r| r.file == d.join(format!("{stem}.crt")))
+                .map(|r| r.action.clone())
+                .unwrap()
+        };
+        let reissued = |role| ReissueAction::Reissued {
+            role,
+            dry_run: false,
+        };
+        assert_eq!(action("root"), reissued(Role::Admin));
+        assert_eq!(action("agent"), reissued(Role::Agent));
+        assert_eq!(action("agent-grpc"), reissued(Role::Agent));
+        assert!(matches!(action("etcd-server"), ReissueAction::Skipped(_)));
+        assert!(matches!(action("foreign"), ReissueAction::Skipped(_)));
+        assert_eq!(
+            action("meshctl"),
+            ReissueAction::HasRole("spiffe://east.meshd/admin".into())
+        );
+
+        let info = |stem: &str| {
+            mesh_certs::inspect_pem(
+                &std::fs::read_to_string(d.join(format!("{stem}.crt"))).unwrap(),
+            )
+            .unwrap()
+            .remove(0)
+        };
+        let grpc = info("agent-grpc");
+        assert_eq!(grpc.subject_cn.as_deref(), Some("mesh-agent"));
+        assert_eq!(grpc.dns_names, ["localhost"]);
+        assert_eq!(grpc.ip_addresses, lo);
+        assert_eq!(grpc.extended_key_usage, ["serverAuth"]);
+        assert_eq!(grpc.uris, ["spiffe://east.meshd/agent"]);
+        assert!(!grpc.expires_within(Duration::from_secs(29 * DAY)));
+        assert!(grpc.expires_within(Duration::from_secs(31 * DAY)));
+        let root = info("root");
+        assert_eq!(root.extended_key_usage, ["clientAuth"]);
+        assert_eq!(root.principal().unwrap().role(), Role::Admin);
+        // The new key fits the new certificate.
+        mesh_certs::certified_key_from_pem(
+            &std::fs::read_to_string(d.join("root.crt")).unwrap(),
+            &std::fs::read_to_string(d.join("root.key")).unwrap(),
+        )
+        .unwrap();
+        assert!(info("etcd-server").uris.is_empty());
+
+        // Idempotent: nothing left to do.
+        let again = reissue_roles(d, None, false).unwrap();
+        assert!(
+            again
+                .iter()
+                .all(|r| !matches!(r.action, ReissueAction::Reissued { .. })),
+            "{again:?}"
+        );
+
+        // A CA not named meshd-<cluster>-ca needs --cluster.
+        let d2 = tempfile::tempdir().unwrap();
+        CertificateAuthority::generate("corp-ca", Duration::from_secs(3600))
+            .unwrap()
+            .write_files(d2.path(), CA_STEM)
+            .unwrap();
+        let e = reissue_roles(d2.path(), None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--cluster"), "{e}");
+        let east = ClusterName::new("east").unwrap();
+        assert!(
+            reissue_roles(d2.path(), Some(&east), false)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use etcd_client::Client;
-use mesh_certs::{CertRequest, CertificateAuthority};
+use mesh_certs::{CertRequest, CertificateAuthority, Role};
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::cluster_mesh_client::ClusterMeshClient;
 use serde::Serialize;
@@ -279,7 +279,11 @@ async fn open_kube(
         source,
     })?;
     let root = ca
-        .issue(&CertRequest::client("root").with_validity(Duration::from_secs(3600)))
+        .issue(
+            &CertRequest::client("root")
+                .with_role(config.name.as_str(), Role::Admin)
+                .with_validity(Duration::from_secs(3600)),
+        )
         .map_err(|source| CtlError::Cert {
             context: format!("issuing a root client certificate for context {context}"),
             source,
@@ -449,12 +453,17 @@ pub(super) async fn connect_pair(
                 user: user.clone(),
             });
             steps.push(format!("created etcd user {user} in {}", o.admin.name()));
+            // Role peer: opens owner's etcd (read-only, by the CN); every gRPC API refuses it.
             let cert =
-                o.ca.issue(&CertRequest::client(&user).with_validity(validity))
-                    .map_err(|source| CtlError::Cert {
-                        context: format!("issuing {user} from the CA of {}", o.admin.name()),
-                        source,
-                    })?;
+                o.ca.issue(
+                    &CertRequest::client(&user)
+                        .with_role(o.admin.name().as_str(), Role::Peer)
+                        .with_validity(validity),
+                )
+                .map_err(|source| CtlError::Cert {
+                    context: format!("issuing {user} from the CA of {}", o.admin.name()),
+                    source,
+                })?;
             let oc = &o.admin.cred;
             let cred = PeerCredential {
                 name: oc.name.clone(),

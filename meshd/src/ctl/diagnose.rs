@@ -2,7 +2,7 @@
 //! pass/warn/fail line with a hint (in the manner of `linkerd multicluster check`).
 //!
 //! ```text
-//!  per cluster   etcd-mtls ─ ca-key ─ admin-cert ─ cluster-config ─ synced-markers
+//!  per cluster   etcd-mtls ─ ca-key ─ admin-cert ─ admin-role ─ cluster-config ─ synced-markers
 //!                ─ heartbeat ─ clock ─ peer-credentials (cert, chain, login as remote-<c>)
 //!  mesh-wide     cluster-ids-unique ─ pod-cidrs-disjoint
 //! ```
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::Args;
 use ipnet::IpNet;
+use mesh_certs::Role;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -145,6 +146,33 @@ fn cert_check(
     ))
 }
 
+/// The admin kubeconfig's client certificate must carry role admin of its cluster, or the
+/// gRPC APIs refuse every meshctl call.
+fn admin_role_check(c: &ClusterAdmin) -> Result<String, (Outcome, String, &'static str)> {
+    const HINT: &str = "the gRPC APIs (status, services, identities, observe) refuse it: run `meshctl certs reissue --dir <the cluster's pki directory>`, or `meshctl up` again for a local mesh";
+    let what = "root client certificate";
+    let info = mesh_certs::inspect_pem(&c.cred.cert_pem)
+        .ok()
+        .and_then(|v| v.into_iter().next());
+    let Some(info) = info else {
+        return failed(format!("{what}: unreadable"), HINT);
+    };
+    match info.principal() {
+        Ok(p) if p.role() == Role::Admin && p.cluster() == c.name().as_str() => {
+            Ok(format!("{what} ({}) carries role {p}", info.subject))
+        }
+        Ok(p) => failed(
+            format!(
+                "{what} ({}) carries role {p}, not spiffe://{}.meshd/admin",
+                info.subject,
+                c.name()
+            ),
+            HINT,
+        ),
+        Err(e) => failed(format!("{what}: {e}"), HINT),
+    }
+}
+
 async fn get(client: &mut etcd_client::Client, key: &str) -> Result<Option<Vec<u8>>, String> {
     client
         .get(key, None)
@@ -240,6 +268,7 @@ async fn check_cluster(
         "admin-cert",
         cert_check("root client certificate", &c.cred.cert_pem, &c.cred.ca_pem),
     );
+    checks.add(scope, "admin-role", admin_role_check(c));
 
     if let Some(client) = client.as_mut() {
         // The apiserver's own view of the cluster.

@@ -1,7 +1,8 @@
 //! `meshctl up` / `meshctl down`: a whole mesh on this machine (DESIGN §8).
 //!
 //! ```text
-//!  up:  per cluster  pki/ (CA, etcd server, root/apiserver/agent/meshctl clients, gRPC servers)
+//!  up:  per cluster  pki/ (CA, etcd server, root/apiserver/agent/meshctl clients, gRPC servers;
+//!                    each with its role SAN; on a running mesh: role-less ones reissued)
 //!                    etcd (TLS, client-cert auth, auth on) ── bootstrap users/roles
 //!       every pair   remote-<A> in B's etcd + <A>/peers/<B>.kubeconfig
 //!       per cluster  clustermesh-apiserver + mesh-agent (detached with setsid, logs/)
@@ -18,11 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use mesh_certs::{CertRequest, CertificateAuthority};
+use mesh_certs::{CertRequest, CertificateAuthority, Role};
 use serde::{Deserialize, Serialize};
 
 use super::admin::{self, AdminEntry, AdminExtension, KUBECONFIG_FILE};
-use super::{CtlError, Status, connect, etcd_auth, fail, runtime};
+use super::{CtlError, Status, certs, connect, etcd_auth, fail, runtime};
 use crate::kv::{EtcdConfig, EtcdStore};
 use crate::model::{ClusterName, MaxConnectedClusters};
 
@@ -367,6 +368,32 @@ fn example_clusters(examples: &Path) -> Result<Vec<(String, PathBuf)>, CtlError>
     Ok(out)
 }
 
+/// A mesh `up` started before certificates carried roles: reissue (in place) the role-less
+/// certificates of each cluster's `pki/`, which the servers reload and meshctl reads anew, so
+/// the role-checking gRPC APIs accept them. Says what it changed; silent when nothing.
+fn add_missing_roles(
+    state_dir: &Path,
+    st: &MeshState,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    for c in &st.clusters {
+        let pki = state_dir.join(&c.name).join("pki");
+        let name = ClusterName::new(c.name.clone()).map_err(|e| {
+            fail(format!(
+                "{}: cluster {:?}: {e}",
+                state_dir.join(STATE_FILE).display(),
+                c.name
+            ))
+        })?;
+        for r in certs::reissue_roles(&pki, Some(&name), false)? {
+            if matches!(r.action, certs::ReissueAction::Reissued { .. }) {
+                writeln!(out, "{r}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `meshctl up`.
 pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError> {
     std::fs::create_dir_all(&args.state_dir)?;
@@ -379,6 +406,7 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
         let total = st.all_procs().count();
         if total > 0 && alive.len() == total {
             writeln!(out, "mesh already up in {}", state_dir.display())?;
+            add_missing_roles(&state_dir, &st, out)?;
             print_summary(&st, out)?;
             return Ok(Status::Ok);
         }
@@ -472,26 +500,41 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
             .write_files(&pki, "ca")
             .map_err(cert_err(format!("writing {}", pki.display())))?;
         let lo = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        // Each certificate's role (SAN URI spiffe://<cluster>.meshd/<role>) is what the gRPC
+        // APIs authorize by; etcd goes by the CN. etcd's own certificate has no role.
         let reqs = [
             (
                 "etcd-server",
                 CertRequest::server_and_client("etcd", &["localhost"], &lo),
             ),
-            ("root", CertRequest::client("root")),
+            // etcd user root, and meshctl's gRPC client (the admin kubeconfig's user).
+            (
+                "root",
+                CertRequest::client("root").with_role(&name, Role::Admin),
+            ),
             (
                 "apiserver",
-                CertRequest::client(&etcd_auth::apiserver_user(&name)),
+                CertRequest::client(&etcd_auth::apiserver_user(&name))
+                    .with_role(&name, Role::Apiserver),
             ),
-            ("agent", CertRequest::client(&etcd_auth::agent_user(&name))),
-            // gRPC client of `meshctl status` / `services` / `peers`.
-            ("meshctl", CertRequest::client("meshctl")),
+            (
+                "agent",
+                CertRequest::client(&etcd_auth::agent_user(&name)).with_role(&name, Role::Agent),
+            ),
+            // A gRPC client certificate for scripts (`meshctl` itself uses `root`).
+            (
+                "meshctl",
+                CertRequest::client("meshctl").with_role(&name, Role::Admin),
+            ),
             (
                 "apiserver-grpc",
-                CertRequest::server("clustermesh-apiserver", &["localhost"], &lo),
+                CertRequest::server("clustermesh-apiserver", &["localhost"], &lo)
+                    .with_role(&name, Role::Apiserver),
             ),
             (
                 "agent-grpc",
-                CertRequest::server("mesh-agent", &["localhost"], &lo),
+                CertRequest::server("mesh-agent", &["localhost"], &lo)
+                    .with_role(&name, Role::Agent),
             ),
         ];
         for (stem, req) in reqs {

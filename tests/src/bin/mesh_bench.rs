@@ -149,7 +149,16 @@ fn endpoint_ip(i: u32) -> IpAddr {
     ))
 }
 
-/// Writes `endpoints` ipcache entries (1000 identities) and `services` services with 10
+/// The pod CIDR of generated node `n`: endpoints `256 n .. 256 n + 255` (a /120).
+fn node_cidr(n: u32) -> ipnet::IpNet {
+    match endpoint_ip(n * 256) {
+        IpAddr::V6(a) => ipnet::IpNet::V6(ipnet::Ipv6Net::new(a, 120).expect("a /120")),
+        IpAddr::V4(_) => unreachable!("endpoints are IPv6"),
+    }
+}
+
+/// Writes `endpoints` ipcache entries (1000 identities) on nodes of 256 pods each (whose
+/// pod CIDRs cover them: a peer may claim only those) and `services` services with 10
 /// backends each straight into `big`'s etcd.
 async fn generate(big: &TestCluster, endpoints: u32, services: u32) -> anyhow::Result<()> {
     let m = MaxConnectedClusters::C255;
@@ -187,6 +196,32 @@ async fn generate(big: &TestCluster, endpoints: u32, services: u32) -> anyhow::R
             flush(&mut ops).await?;
         }
     }
+    for n in 0..endpoints.div_ceil(256) {
+        let node = meshd::model::Node {
+            name: format!("node-{n}"),
+            cluster: name.clone(),
+            cluster_id: cid,
+            addresses: vec![meshd::model::NodeAddress {
+                kind: meshd::model::NodeAddressType::InternalIP,
+                ip: IpAddr::V6(std::net::Ipv6Addr::new(
+                    0x2001, 0xdb8, 1, 0, 0, 0, 0, n as u16,
+                )),
+            }],
+            pod_cidrs: vec![node_cidr(n)],
+        };
+        ops.push(Op::Put {
+            key: Key::State(StateKey::Node {
+                cluster: name.clone(),
+                name: node.name.clone(),
+            })
+            .to_string(),
+            value: encode(&node),
+            lease: None,
+        });
+        if ops.len() == 100 {
+            flush(&mut ops).await?;
+        }
+    }
     for i in 0..endpoints {
         let ip = endpoint_ip(i);
         ops.push(Op::Put {
@@ -200,7 +235,7 @@ async fn generate(big: &TestCluster, endpoints: u32, services: u32) -> anyhow::R
                 prefix_len: 128,
                 identity: Identity::cluster_scoped(cid, 256 + i % 1000, m)?,
                 host_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 2))),
-                node: Some(format!("node-{}", i % 1000)),
+                node: Some(format!("node-{}", i / 256)),
                 namespace: Some("default".into()),
                 pod: Some(format!("pod-{i}")),
                 named_ports: Default::default(),
