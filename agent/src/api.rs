@@ -692,7 +692,6 @@ mod tests {
             peer_cert_not_after: vec![("west".into(), Some(1_800_000_000))],
             peer_errors: vec![("/peers/x.kubeconfig".into(), "bad yaml".into())],
             ready: true,
-            trust: vec![],
         };
         let p = status_to_proto(&st, &name("east"), ClusterId::new(1, m).unwrap(), m);
         assert_eq!(

@@ -76,8 +76,6 @@ pub struct AgentStatus {
     pub peer_errors: Vec<(String, String)>,
     /// Whether the local cluster and every peer are ready.
     pub ready: bool,
-    /// What the peer guard holds and refused of each peer.
-    pub trust: Vec<PeerTrust>,
 }
 
 /// Subscriptions to the merged view and the status.
@@ -244,14 +242,22 @@ impl Agent {
                             .iter()
                             .map(|(p, t)| (p.name.to_string(), t.map(|t| t.unix_timestamp())))
                             .collect(),
-                        peers: peers.into_iter().map(|(p, _)| p).collect(),
+                        peers: {
+                            let trust = trust_rx.borrow();
+                            peers
+                                .into_iter()
+                                .map(|(mut p, _)| {
+                                    p.trust = trust.iter().find(|t| t.cluster == p.name).cloned();
+                                    p
+                                })
+                                .collect()
+                        },
                         peer_errors: manager
                             .errors()
                             .iter()
                             .map(|(p, e)| (p.display().to_string(), e.clone()))
                             .collect(),
                         ready,
-                        trust: trust_rx.borrow().clone(),
                     };
                     status_tx.send_if_modified(|s| {
                         let changed = *s != st;

@@ -469,6 +469,7 @@ pub async fn run_with_peers(
         tx.clone(),
         Box::new(|cred| meshd::remote::ClusterSource::Direct(cred.to_etcd_config())),
     );
+    let (trust_tx, trust_rx) = tokio::sync::watch::channel(Vec::new());
     // The writer owns the cache; every event passes the peer guard first, and only
     // peers' events reach the cache. Heartbeats reach it through the event channel's order.
     let writer_task = tokio::spawn(async move {
@@ -493,6 +494,12 @@ pub async fn run_with_peers(
                             writer.apply(ev);
                         }
                     }
+                    let status = guard.status();
+                    trust_tx.send_if_modified(|s| {
+                        let changed = *s != status;
+                        *s = status;
+                        changed
+                    });
                 }
                 hb = hb_rx.recv() => {
                     let Some((c, t)) = hb else { break };
@@ -517,7 +524,13 @@ pub async fn run_with_peers(
                 None => break,
             },
             _ = tick.tick() => {
-                let st = manager.statuses();
+                let mut st = manager.statuses();
+                {
+                    let trust = trust_rx.borrow();
+                    for s in &mut st {
+                        s.trust = trust.iter().find(|t| t.cluster == s.name).cloned();
+                    }
+                }
                 for s in &st {
                     if let Some(t) = s.last_heartbeat
                         && mirrored.get(&s.name) != Some(&t)

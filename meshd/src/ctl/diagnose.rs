@@ -98,6 +98,63 @@ impl Checks {
     }
 }
 
+/// What the peer guards refused: a range conflict fails (two clusters claim one address
+/// range, so one of them cannot be reached as itself), a degraded peer or refused entries
+/// warn.
+async fn peer_trust_check(c: &ClusterAdmin) -> Result<String, (Outcome, String, &'static str)> {
+    let peers = match super::status::peer_trust(c).await {
+        Ok(p) => p,
+        Err(e) => {
+            return Err((
+                Outcome::Warn,
+                format!("cannot ask the peer guards: {e}"),
+                "are the agent and the apiserver running?",
+            ));
+        }
+    };
+    let conflicts: Vec<String> = peers
+        .iter()
+        .flat_map(|p| p.range_conflicts.iter().cloned())
+        .collect();
+    if !conflicts.is_empty() {
+        return failed(
+            conflicts.join("; "),
+            "pod CIDRs and node addresses must not overlap between clusters: fix the nodes' podCIDRs of the claimant (or disconnect a peer that claims what is not its own)",
+        );
+    }
+    let mut notes = Vec::new();
+    for p in &peers {
+        if !p.degraded_kinds.is_empty() {
+            notes.push(format!(
+                "{} over quota for {}",
+                p.peer,
+                p.degraded_kinds.join(", ")
+            ));
+        }
+        let refused: u64 = p.refused.values().sum();
+        if refused > 0 {
+            let reasons: Vec<String> = p.refused.iter().map(|(r, n)| format!("{r}={n}")).collect();
+            notes.push(format!(
+                "{} refused {refused} ({})",
+                p.peer,
+                reasons.join(" ")
+            ));
+        }
+    }
+    if notes.is_empty() {
+        Ok(format!(
+            "{} peer(s): nothing refused, within quotas",
+            peers.len()
+        ))
+    } else {
+        Err((
+            Outcome::Warn,
+            notes.join("; "),
+            "a peer may claim only its own addresses, within --peer-max-* quotas; see mesh_peer_refused on /metrics and the peer's exports",
+        ))
+    }
+}
+
 fn failed(detail: String, hint: &str) -> Result<String, (Outcome, String, &str)> {
     Err((Outcome::Fail, detail, hint))
 }
@@ -269,6 +326,7 @@ async fn check_cluster(
         cert_check("root client certificate", &c.cred.cert_pem, &c.cred.ca_pem),
     );
     checks.add(scope, "admin-role", admin_role_check(c));
+    checks.add(scope, "peer-trust", peer_trust_check(c).await);
 
     if let Some(client) = client.as_mut() {
         // The apiserver's own view of the cluster.

@@ -154,6 +154,16 @@ struct PeerReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     cert_days_left: Option<i64>,
     cert_expiry_warning: bool,
+    /// Kinds over the peer's quota (excess refused), from the agent's and kvstoremesh's
+    /// peer guards.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    degraded_kinds: Vec<String>,
+    /// Entries refused by reason (the larger of the agent's and kvstoremesh's counts).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    refused: BTreeMap<String, u64>,
+    /// Range claims refused where the peer is claimant or holder.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    range_conflicts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -299,6 +309,31 @@ fn peer(p: &pb::PeerStatus, now: i64) -> PeerReport {
         cert_not_after_unix: p.cert_not_after_unix,
         cert_days_left: days,
         cert_expiry_warning: p.cert_not_after_unix > 0 && p.cert_not_after_unix - now < warn_secs,
+        degraded_kinds: Vec::new(),
+        refused: BTreeMap::new(),
+        range_conflicts: Vec::new(),
+    }
+    .with_trust(p)
+}
+
+impl PeerReport {
+    /// Adds what a peer guard (the agent's, or kvstoremesh's in the apiserver) reports.
+    fn with_trust(mut self, p: &pb::PeerStatus) -> Self {
+        for k in &p.degraded_kinds {
+            if !self.degraded_kinds.contains(k) {
+                self.degraded_kinds.push(k.clone());
+            }
+        }
+        for (reason, n) in &p.refused {
+            let e = self.refused.entry(reason.clone()).or_default();
+            *e = (*e).max(*n);
+        }
+        for c in &p.range_conflicts {
+            if !self.range_conflicts.contains(c) {
+                self.range_conflicts.push(c.clone());
+            }
+        }
+        self
     }
 }
 
@@ -308,9 +343,26 @@ async fn cluster_report(c: &ClusterAdmin) -> ClusterReport {
     let agent_addr = address(c, "agent", c.ext.agent_grpc.as_deref());
     let (api, agent) = tokio::join!(get_status(&tls, &api_addr), get_status(&tls, &agent_addr));
     let now = unix_now();
+    // The agent's peers, with what kvstoremesh (in the apiserver) refused of each: in the
+    // default cached mode the agent only sees what kvstoremesh let through.
     let peers: Vec<PeerReport> = agent
         .as_ref()
-        .map(|s| s.peers.iter().map(|p| peer(p, now)).collect())
+        .map(|s| {
+            s.peers
+                .iter()
+                .map(|p| {
+                    let mirrored = api
+                        .as_ref()
+                        .ok()
+                        .and_then(|a| a.peers.iter().find(|k| k.name == p.name));
+                    let r = peer(p, now);
+                    match mirrored {
+                        Some(k) => r.with_trust(k),
+                        None => r,
+                    }
+                })
+                .collect()
+        })
         .unwrap_or_default();
     let apiserver = component(api_addr.unwrap_or_default(), &api);
     let agent = component(agent_addr.unwrap_or_default(), &agent);
@@ -367,6 +419,39 @@ async fn cluster_report(c: &ClusterAdmin) -> ClusterReport {
         agent,
         peers,
     }
+}
+
+/// What the peer guards (the agent's and kvstoremesh's) report of one peer.
+#[derive(Debug, Clone)]
+pub(super) struct PeerTrustSummary {
+    /// The peer.
+    pub(super) peer: String,
+    /// Kinds over quota.
+    pub(super) degraded_kinds: Vec<String>,
+    /// Refusals by reason.
+    pub(super) refused: BTreeMap<String, u64>,
+    /// Range claims refused.
+    pub(super) range_conflicts: Vec<String>,
+}
+
+/// The peer guards' findings for `c`'s peers; `Err` when neither component answered.
+pub(super) async fn peer_trust(c: &ClusterAdmin) -> Result<Vec<PeerTrustSummary>, String> {
+    let r = cluster_report(c).await;
+    if !r.agent.reachable && !r.apiserver.reachable {
+        return Err(format!(
+            "agent ({}) and apiserver ({}) unreachable",
+            r.agent.error, r.apiserver.error
+        ));
+    }
+    Ok(r.peers
+        .into_iter()
+        .map(|p| PeerTrustSummary {
+            peer: p.name,
+            degraded_kinds: p.degraded_kinds,
+            refused: p.refused,
+            range_conflicts: p.range_conflicts,
+        })
+        .collect())
 }
 
 async fn mesh_report(admins: &[ClusterAdmin], files: Vec<PathBuf>) -> MeshReport {
@@ -445,6 +530,22 @@ fn write_peer(out: &mut impl Write, p: &PeerReport, indent: &str) -> std::io::Re
     )?;
     if !p.last_error.is_empty() {
         writeln!(out, "{indent}  last error: {}", p.last_error)?;
+    }
+    if !p.degraded_kinds.is_empty() {
+        writeln!(
+            out,
+            "{indent}  {}",
+            warn(&format!(
+                "DEGRADED: over its quota for {} (the excess is refused)",
+                p.degraded_kinds.join(", ")
+            ))
+        )?;
+    }
+    if !p.refused.is_empty() {
+        writeln!(out, "{indent}  refused: {}", counts(&p.refused))?;
+    }
+    for c in &p.range_conflicts {
+        writeln!(out, "{indent}  {}", warn(&format!("range conflict: {c}")))?;
     }
     Ok(())
 }
@@ -833,6 +934,42 @@ mod tests {
         let unknown = peer(&p(0), now);
         assert!(!unknown.cert_expiry_warning && unknown.cert_days_left.is_none());
         assert!(cert_text(&peer(&p(now - 1), now)).contains("EXPIRED"));
+    }
+
+    #[test]
+    fn peer_guard_findings_of_agent_and_kvstoremesh_are_merged_and_shown() {
+        let agent = pb::PeerStatus {
+            name: "west".into(),
+            state: "ready".into(),
+            connected: true,
+            refused: [("prefix-not-host".to_owned(), 2)].into_iter().collect(),
+            ..Default::default()
+        };
+        let kvstoremesh = pb::PeerStatus {
+            name: "west".into(),
+            degraded_kinds: vec!["ip".into()],
+            refused: [
+                ("prefix-not-host".to_owned(), 33),
+                ("address-of-local".to_owned(), 1),
+            ]
+            .into_iter()
+            .collect(),
+            range_conflicts: vec![
+                "198.18.1.0/24 of west/evil refused (cidr-conflict): overlaps a range of east"
+                    .into(),
+            ],
+            ..Default::default()
+        };
+        let r = peer(&agent, 0).with_trust(&kvstoremesh);
+        assert_eq!(r.degraded_kinds, vec!["ip"]);
+        assert_eq!(r.refused["prefix-not-host"], 33);
+        assert_eq!(r.refused["address-of-local"], 1);
+        let mut out = Vec::new();
+        write_peer(&mut out, &r, "  ").unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("DEGRADED: over its quota for ip"), "{text}");
+        assert!(text.contains("refused: address-of-local=1 prefix-not-host=33"), "{text}");
+        assert!(text.contains("range conflict: 198.18.1.0/24 of west/evil"), "{text}");
     }
 
     #[test]

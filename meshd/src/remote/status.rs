@@ -66,6 +66,8 @@ pub struct PeerStatus {
     pub failures: u64,
     /// The last heartbeat seen.
     pub last_heartbeat: Option<time::OffsetDateTime>,
+    /// What the peer guard refused and holds of this peer, where a guard runs.
+    pub trust: Option<crate::trust::PeerTrust>,
 }
 
 impl PeerStatus {
@@ -82,6 +84,7 @@ impl PeerStatus {
             last_failure: None,
             failures: 0,
             last_heartbeat: None,
+            trust: None,
         }
     }
 
@@ -108,6 +111,19 @@ impl PeerStatus {
             }),
             failures: self.failures,
             cert_not_after_unix: cert_not_after.unwrap_or(0),
+            degraded_kinds: self.trust.as_ref().map_or_else(Vec::new, |t| {
+                t.degraded.iter().map(|k| k.as_str().to_owned()).collect()
+            }),
+            refused: self.trust.as_ref().map_or_else(Default::default, |t| {
+                t.refused
+                    .iter()
+                    .map(|(r, n)| (r.as_str().to_owned(), *n))
+                    .collect()
+            }),
+            range_conflicts: self.trust.as_ref().map_or_else(Vec::new, |t| {
+                t.conflicts.iter().map(ToString::to_string).collect()
+            }),
+            pending: self.trust.as_ref().map_or(0, |t| t.pending as u64),
         }
     }
 }
