@@ -36,6 +36,7 @@ mod ca;
 mod error;
 mod files;
 mod inspect;
+pub mod names;
 mod pem;
 mod reload;
 mod role;

@@ -140,7 +140,7 @@ impl Principal {
 
     /// Checks that the cluster name is an RFC 1123 label (so the URI is well-formed).
     pub fn check(&self) -> Result<(), RoleError> {
-        if is_dns_label(&self.cluster) {
+        if crate::names::is_dns_label(&self.cluster, 63) {
             Ok(())
         } else {
             Err(RoleError::BadCluster {
@@ -171,7 +171,7 @@ impl Principal {
         let cluster = domain
             .strip_suffix(TRUST_DOMAIN_SUFFIX)
             .ok_or_else(|| bad("trust domain does not end in .meshd"))?;
-        if !is_dns_label(cluster) {
+        if !crate::names::is_dns_label(cluster, 63) {
             return Err(bad(
                 "cluster is not an RFC 1123 label (lowercase alphanumerics and '-', at most 63 characters)",
             ));
@@ -253,17 +253,6 @@ pub(crate) fn uri_sans<'a>(cert: &X509Certificate<'a>) -> Result<Vec<&'a str>, X
                 .collect()
         })
         .unwrap_or_default())
-}
-
-/// RFC 1123 label of at most 63 characters, lowercase.
-fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use tonic::Status;
 pub fn namespace(ns: &str) -> Result<Option<String>, Status> {
     match ns {
         "" => Ok(None),
-        ns if is_dns_label(ns) => Ok(Some(ns.to_owned())),
+        ns if mesh_certs::names::is_dns_label(ns, 63) => Ok(Some(ns.to_owned())),
         ns => Err(Status::invalid_argument(format!(
             "namespace filter {ns:?} is not an RFC 1123 label \
              (lowercase alphanumerics and '-', at most 63 characters)"
@@ -29,17 +29,6 @@ pub fn cluster<'a, T, E: Display>(
             .map(Some)
             .map_err(|e| Status::invalid_argument(format!("cluster filter: {e}"))),
     }
-}
-
-/// RFC 1123 label of at most 63 characters.
-fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 #[cfg(test)]

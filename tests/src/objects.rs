@@ -128,6 +128,35 @@ pub fn endpoint_slice(ns: &str, name: &str, svc: &str, ips: &[Ipv4Addr]) -> Endp
     }
 }
 
+/// Pod `i` of cluster `c`: 198.18.<c>.<i> (inside node `node-<c>`'s pod CIDR).
+pub fn pod_ip(c: u8, i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, c, i)
+}
+
+/// Node `node-<c>` (address 198.19.0.<c>, pods 198.18.<c>.0/24) and its pods `p-<c>-<i>`
+/// in `default` (`app=a<i mod 4>`) for every `i` in `range`.
+pub fn node_with_pods(
+    c: u8,
+    range: std::ops::Range<u8>,
+) -> Vec<clustermesh_apiserver::source::Object> {
+    use clustermesh_apiserver::source::Object;
+    let mut v = vec![Object::Node(Box::new(node(
+        &format!("node-{c}"),
+        Ipv4Addr::new(198, 19, 0, c),
+        &format!("198.18.{c}.0/24"),
+    )))];
+    for i in range {
+        v.push(Object::Pod(Box::new(pod(
+            "default",
+            &format!("p-{c}-{i}"),
+            &[("app", &format!("a{}", i % 4))],
+            pod_ip(c, i),
+            &format!("node-{c}"),
+        ))));
+    }
+    v
+}
+
 /// Cluster `c`'s small standard state: node `node-<c>` (pods 198.18.<c>.0/24), two
 /// `app=web` pods `web-<c>-0/1` at 198.18.<c>.11 and .12, and the global service `shop/web`
 /// (ClusterIP 198.19.<c>.10, port 80 → 8080) with its EndpointSlice.

@@ -10,7 +10,6 @@ use clustermesh_apiserver::source::{Object, ObjectKind, ObjectRef, SourceEvent};
 use mesh_agent::runtime::{PeerAccess, ViewHandles};
 use mesh_tests::init_tracing;
 use mesh_tests::mesh::{TestCluster, connect};
-use mesh_tests::objects::{node, pod};
 use meshd::keys::{Key, StateKey, StateKind, encode};
 use meshd::kv::KvStore;
 use meshd::metrics::ReflectorMetrics;
@@ -21,30 +20,10 @@ use meshd::remote::PeerState;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-fn ip(c: u8, i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, c, i)
-}
-
-fn pods(c: u8, range: std::ops::Range<u8>) -> Vec<Object> {
-    let mut v = vec![Object::Node(Box::new(node(
-        &format!("node-{c}"),
-        Ipv4Addr::new(198, 19, 0, c),
-        &format!("198.18.{c}.0/24"),
-    )))];
-    for i in range {
-        v.push(pod_obj(c, i));
-    }
-    v
-}
+use mesh_tests::objects::{node_with_pods as pods, pod_ip as ip};
 
 fn pod_obj(c: u8, i: u8) -> Object {
-    Object::Pod(Box::new(pod(
-        "default",
-        &format!("p-{c}-{i}"),
-        &[("app", &format!("a{}", i % 4))],
-        ip(c, i),
-        &format!("node-{c}"),
-    )))
+    pods(c, i..i + 1).pop().expect("one pod")
 }
 
 /// IP → (cluster, identity) as the agent sees it.

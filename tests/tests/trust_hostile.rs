@@ -10,12 +10,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use clustermesh_apiserver::source::Object;
 use ipnet::{IpNet, Ipv4Net};
 use mesh_agent::runtime::{PeerAccess, ViewHandles};
 use mesh_tests::init_tracing;
 use mesh_tests::mesh::{TestCluster, connect};
-use mesh_tests::objects::{node, pod};
 use meshd::keys::{Key, StateKey, StateKind, encode};
 use meshd::kv::{EtcdStore, KvStore};
 use meshd::metrics::TrustMetrics;
@@ -29,27 +27,7 @@ const CONVERGE: Duration = Duration::from_secs(60);
 const M: MaxConnectedClusters = MaxConnectedClusters::C255;
 const MAX_IPS: usize = 100;
 
-fn ip(c: u8, i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, c, i)
-}
-
-fn pods(c: u8, range: std::ops::Range<u8>) -> Vec<Object> {
-    let mut v = vec![Object::Node(Box::new(node(
-        &format!("node-{c}"),
-        Ipv4Addr::new(198, 19, 0, c),
-        &format!("198.18.{c}.0/24"),
-    )))];
-    for i in range {
-        v.push(Object::Pod(Box::new(pod(
-            "default",
-            &format!("p-{c}-{i}"),
-            &[("app", "a")],
-            ip(c, i),
-            &format!("node-{c}"),
-        ))));
-    }
-    v
-}
+use mesh_tests::objects::{node_with_pods as pods, pod_ip as ip};
 
 fn view_ips(h: &ViewHandles) -> BTreeMap<IpAddr, String> {
     h.ipcache

@@ -23,18 +23,4 @@ pub use policy::{
 pub use selector::{LabelSelector, LabelSelectorRequirement, SelectorOperator};
 pub use service::{Affinity, Backend, BackendPort, ClusterService, Protocol, ServicePort};
 
-/// RFC 1123 DNS label: lowercase alphanumerics and '-', starting and ending alphanumeric.
-pub(crate) fn is_dns_label(s: &str, max_len: usize) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= max_len
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-}
-
-/// RFC 1123 DNS subdomain (dot-separated DNS labels), at most 253 characters.
-pub(crate) fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(|l| is_dns_label(l, 63))
-}
+pub(crate) use mesh_certs::names::{is_dns_label, is_dns_subdomain};

@@ -39,21 +39,12 @@ pub(super) enum NameRule {
     Subdomain,
 }
 
-/// RFC 1123 label: at most 63 lowercase alphanumerics or '-', alphanumeric at both ends.
+/// RFC 1123 label (at most 63 characters).
 pub(super) fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+    mesh_certs::names::is_dns_label(s, 63)
 }
 
-/// RFC 1123 subdomain: dot-separated labels, at most 253 characters.
-pub(super) fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
-}
+pub(super) use mesh_certs::names::is_dns_subdomain;
 
 fn name_ok(rule: NameRule, name: &str) -> bool {
     match rule {
