@@ -968,8 +968,14 @@ mod tests {
         write_peer(&mut out, &r, "  ").unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("DEGRADED: over its quota for ip"), "{text}");
-        assert!(text.contains("refused: address-of-local=1 prefix-not-host=33"), "{text}");
-        assert!(text.contains("range conflict: 198.18.1.0/24 of west/evil"), "{text}");
+        assert!(
+            text.contains("refused: address-of-local=1 prefix-not-host=33"),
+            "{text}"
+        );
+        assert!(
+            text.contains("range conflict: 198.18.1.0/24 of west/evil"),
+            "{text}"
+        );
     }
 
     #[test]
