@@ -31,15 +31,84 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Returns from the calling test after saying on stderr that it was skipped, unless root.
+/// Set (to anything but `0`) by `.ci/run` through `scripts/test`: a privileged test that
+/// cannot run here fails instead of skipping.
+pub const REQUIRE_PRIVILEGED_ENV: &str = "MESHD_REQUIRE_PRIVILEGED";
+/// A file to which every privileged test appends `RAN <test>` or `SKIPPED <test>: <why>`;
+/// `scripts/test` counts them in its summary.
+pub const PRIVILEGED_LOG_ENV: &str = "MESHD_PRIVILEGED_LOG";
+
+/// What a privileged test lacks here (root, a cgroup2 mount, bpffs support), if anything.
+pub fn missing_privileges() -> Option<String> {
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("root");
+    }
+    if meshd::mounts::mount_point("cgroup2").is_none() {
+        missing.push("a cgroup2 mount");
+    }
+    let bpffs = std::fs::read_to_string("/proc/filesystems")
+        .map(|f| {
+            f.lines()
+                .any(|l| l.split_whitespace().last() == Some("bpf"))
+        })
+        .unwrap_or(false);
+    if !bpffs {
+        missing.push("bpffs support in the kernel");
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// Whether privileged tests must run (see [`REQUIRE_PRIVILEGED_ENV`]).
+pub fn privileged_required() -> bool {
+    std::env::var_os(REQUIRE_PRIVILEGED_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Appends one line to the privileged-test log, if one is configured.
+pub fn log_privileged(line: &str) {
+    use std::io::Write;
+    if let Some(path) = std::env::var_os(PRIVILEGED_LOG_ENV)
+        && let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// Decides whether privileged test `name` runs: `true` when it has what it needs (logged
+/// as run); `false` after saying loudly that it is skipped; a panic instead of a skip
+/// when [`privileged_required`].
+pub fn privileged(name: &str) -> bool {
+    match missing_privileges() {
+        None => {
+            log_privileged(&format!("RAN {name}"));
+            true
+        }
+        Some(why) => {
+            assert!(
+                !privileged_required(),
+                "{name} needs {why}, and {REQUIRE_PRIVILEGED_ENV} is set: a privileged test \
+                 may not pass by skipping here"
+            );
+            log_privileged(&format!("SKIPPED {name}: needs {why}"));
+            eprintln!(
+                "SKIPPED {name}: needs {why} (BPF, network namespaces, cgroups, bpffs mount); \
+                 run as root or in CI"
+            );
+            false
+        }
+    }
+}
+
+/// Returns from the calling test after saying on stderr that it was skipped, unless it has
+/// root, a cgroup2 mount and bpffs support; under `MESHD_REQUIRE_PRIVILEGED` it fails
+/// instead of skipping. See [`privileged`].
 #[macro_export]
 macro_rules! require_root {
     ($name:expr) => {
-        if !$crate::lab::is_root() {
-            eprintln!(
-                "SKIPPED {}: needs root (BPF, network namespaces, cgroups, bpffs mount); run as root or in CI",
-                $name
-            );
+        if !$crate::lab::privileged($name) {
             return;
         }
     };

@@ -63,7 +63,8 @@ fn up_is_ready_idempotent_and_down_leaves_nothing() {
 
     // The datapath: real eBPF as root (a bpffs and one cgroup per cluster, both recorded
     // for `down`), recording otherwise — and `status` says which.
-    let root = nix::unistd::geteuid().is_root();
+    // Root: the eBPF datapath must run (under MESHD_REQUIRE_PRIVILEGED, lacking root fails).
+    let root = mesh_tests::lab::privileged("meshctl_up (eBPF datapath of meshctl up)");
     let st = meshctl(&["status"], &dir);
     let st_out = String::from_utf8_lossy(&st.stdout);
     let cgroups: Vec<std::path::PathBuf> = clusters
