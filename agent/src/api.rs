@@ -25,8 +25,8 @@ use tokio::sync::watch;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
-use crate::datapath::DropEvent;
 use crate::datapath::sync::{DatapathStatus, SyncHandles, reason_name};
+use crate::datapath::{DatapathMode, DropEvent};
 use crate::runtime::{AgentStatus, ViewHandles};
 use crate::view::{ClusterEntry, IdentitiesSnapshot, MergedService};
 
@@ -61,11 +61,21 @@ pub fn readiness_reason(r: &Readiness) -> Option<String> {
         return Some(why);
     }
     let dp = r.datapath.as_ref()?;
+    if let (Some(DatapathMode::Recording), Some(why)) = (dp.mode, &dp.fallback_reason) {
+        return Some(format!(
+            "not ready: the RECORDING datapath runs as a fallback ({why}): no policy or load balancing is enforced"
+        ));
+    }
     if !dp.reconciled {
         return Some(match &dp.last_error {
             Some(e) => format!("not ready: datapath not reconciled yet (last error: {e})"),
             None => "not ready: datapath not reconciled with the view yet".to_owned(),
         });
+    }
+    if let Some(e) = &dp.last_error {
+        return Some(format!(
+            "not ready: the datapath is not enforcing the view (last write failed: {e})"
+        ));
     }
     None
 }
@@ -671,6 +681,53 @@ mod tests {
         assert!(not_ready_reason(&st).unwrap().contains("peers directory"));
         st.ready = true;
         assert_eq!(not_ready_reason(&st), None);
+    }
+
+    #[test]
+    fn readiness_is_false_while_the_datapath_does_not_enforce_the_view() {
+        let agent = AgentStatus {
+            ready: true,
+            ..AgentStatus::default()
+        };
+        let dp = |mode, fallback: Option<&str>, reconciled, err: Option<&str>| Readiness {
+            agent: agent.clone(),
+            datapath: Some(DatapathStatus {
+                mode: Some(mode),
+                fallback_reason: fallback.map(str::to_owned),
+                reconciled,
+                last_error: err.map(str::to_owned),
+                ..DatapathStatus::default()
+            }),
+        };
+        assert_eq!(
+            readiness_reason(&dp(DatapathMode::Ebpf, None, true, None)),
+            None
+        );
+        // Recording on purpose (--datapath recording): nothing to enforce, ready.
+        assert_eq!(
+            readiness_reason(&dp(DatapathMode::Recording, None, true, None)),
+            None
+        );
+        // Recording as a fallback: never ready.
+        let why = readiness_reason(&dp(
+            DatapathMode::Recording,
+            Some("no bpffs mounted at /x"),
+            true,
+            None,
+        ))
+        .unwrap();
+        assert!(why.contains("fallback (no bpffs mounted at /x)"), "{why}");
+        // Not reconciled yet, or a failed write after it: not ready.
+        assert!(
+            readiness_reason(&dp(DatapathMode::Ebpf, None, false, None))
+                .unwrap()
+                .contains("not reconciled")
+        );
+        let why = readiness_reason(&dp(DatapathMode::Ebpf, None, true, Some("E2BIG"))).unwrap();
+        assert!(
+            why.contains("not enforcing the view (last write failed: E2BIG)"),
+            "{why}"
+        );
     }
 
     #[test]

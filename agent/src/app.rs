@@ -80,11 +80,16 @@ pub struct Args {
     /// Address of the plain-HTTP /healthz, /readyz and /metrics endpoints.
     #[arg(long, env = "MESH_HEALTH_LISTEN", default_value = "127.0.0.1:9091")]
     pub health_listen: SocketAddr,
-    /// Datapath: `ebpf` (fail without BPF), `recording` (enforce nothing), or `auto`
-    /// (eBPF when the kernel allows it and a bpffs is mounted, else recording, said
-    /// loudly in the log, status and metrics).
+    /// Datapath: `ebpf` (fail without BPF), `recording` (enforce nothing, on purpose), or
+    /// `auto` (eBPF; when the kernel refuses it or no bpffs is mounted, fail — or, only with
+    /// --datapath-fallback, run the recording datapath and never report ready).
     #[arg(long, env = "MESH_DATAPATH", value_enum, default_value_t = DatapathArg::Auto)]
     pub datapath: DatapathArg,
+    /// Let `--datapath auto` fall back to the recording datapath (nothing enforced) when
+    /// eBPF cannot be opened. The agent then serves DNS and status but stays not ready,
+    /// and says why in its log, status and metrics. Without it, it fails closed.
+    #[arg(long, env = "MESH_DATAPATH_FALLBACK")]
+    pub datapath_fallback: bool,
     /// bpffs directory of this agent's pinned maps and links (default
     /// `/sys/fs/bpf/meshd/<cluster>`; must be on a mounted bpffs).
     #[arg(long, env = "MESH_BPF_PIN_DIR")]
@@ -111,7 +116,7 @@ pub struct Args {
 /// `--datapath` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DatapathArg {
-    /// eBPF if possible, else recording.
+    /// eBPF; recording only when `--datapath-fallback` allows it.
     Auto,
     /// eBPF or fail.
     Ebpf,
@@ -170,6 +175,15 @@ pub enum AppError {
     /// The eBPF datapath could not be opened.
     #[error("opening the datapath (use --datapath recording to run without one): {0}")]
     Datapath(#[from] DatapathError),
+    /// `--datapath auto` found no usable eBPF and no fallback was allowed.
+    #[error(
+        "no eBPF datapath ({reason}); refusing to run without enforcement (fails closed): \
+         allow the recording fallback with --datapath-fallback, or choose --datapath recording"
+    )]
+    NoDatapath {
+        /// Why eBPF cannot run.
+        reason: String,
+    },
     /// The DNS server failed.
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsError),
@@ -183,29 +197,34 @@ fn on_bpffs(dir: &std::path::Path) -> bool {
     meshd::mounts::is_on(dir, "bpf")
 }
 
-/// Opens the datapath `--datapath` asks for; the string is why recording runs.
+/// Opens the datapath `--datapath` asks for; the string is why the recording datapath
+/// runs as a fallback (`None` for eBPF, and for recording chosen with `--datapath
+/// recording`). Without `allow_fallback`, `auto` fails closed where eBPF cannot run.
 pub fn open_datapath(
     choice: DatapathArg,
+    allow_fallback: bool,
     config: AyaConfig,
-) -> Result<(Box<dyn Datapath>, Option<String>), DatapathError> {
+) -> Result<(Box<dyn Datapath>, Option<String>), AppError> {
+    let fallback = |reason: String| -> Result<(Box<dyn Datapath>, Option<String>), AppError> {
+        if !allow_fallback {
+            return Err(AppError::NoDatapath { reason });
+        }
+        tracing::warn!(
+            reason,
+            "running the RECORDING datapath as a fallback; no load balancing or policy is enforced and the agent stays not ready"
+        );
+        Ok((Box::new(RecordingDatapath::new()), Some(reason)))
+    };
     match choice {
-        DatapathArg::Recording => Ok((
-            Box::new(RecordingDatapath::new()),
-            Some("requested with --datapath recording".into()),
-        )),
+        DatapathArg::Recording => Ok((Box::new(RecordingDatapath::new()), None)),
         DatapathArg::Ebpf => Ok((Box::new(AyaDatapath::open(config)?), None)),
         DatapathArg::Auto if !on_bpffs(&config.pin_dir) => {
-            let reason = format!("no bpffs mounted at {}", config.pin_dir.display());
-            tracing::warn!(
-                reason,
-                "running the RECORDING datapath; no load balancing or policy is enforced"
-            );
-            Ok((Box::new(RecordingDatapath::new()), Some(reason)))
+            fallback(format!("no bpffs mounted at {}", config.pin_dir.display()))
         }
-        DatapathArg::Auto => {
-            let (dp, why) = crate::datapath::open_or_record(config)?;
-            Ok((dp, why.map(|e| error_chain(&e))))
-        }
+        DatapathArg::Auto => match AyaDatapath::open(config) {
+            Ok(dp) => Ok((Box::new(dp), None)),
+            Err(e) => fallback(error_chain(&e)),
+        },
     }
 }
 
@@ -272,7 +291,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         "mesh-agent starting"
     );
 
-    let (dp, fallback) = open_datapath(args.datapath, args.aya_config(&cfg))?;
+    let (dp, fallback) =
+        open_datapath(args.datapath, args.datapath_fallback, args.aya_config(&cfg))?;
     tracing::info!(datapath = dp.mode().as_str(), fallback = ?fallback, "datapath open");
 
     let metrics = AgentMetrics::default();
@@ -421,6 +441,29 @@ mod tests {
         "--grpc-client-ca",
         "ca.crt",
     ];
+
+    #[test]
+    fn auto_fails_closed_unless_the_fallback_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        // A plain directory is not on a bpffs: eBPF cannot run there.
+        let config = || AyaConfig {
+            pin_dir: dir.path().join("meshd"),
+            cgroup: None,
+            socket_lb: true,
+        };
+        let err = open_datapath(DatapathArg::Auto, false, config()).unwrap_err();
+        assert!(matches!(err, AppError::NoDatapath { .. }), "{err}");
+        assert!(err.to_string().contains("--datapath-fallback"), "{err}");
+        let (dp, why) = open_datapath(DatapathArg::Auto, true, config()).unwrap();
+        assert_eq!(dp.mode(), crate::datapath::DatapathMode::Recording);
+        assert!(why.unwrap().contains("no bpffs mounted"));
+        // Recording chosen on purpose is not a fallback.
+        let (dp, why) = open_datapath(DatapathArg::Recording, false, config()).unwrap();
+        assert_eq!(dp.mode(), crate::datapath::DatapathMode::Recording);
+        assert_eq!(why, None);
+        let args = Args::try_parse_from(REQUIRED).unwrap();
+        assert!(!args.datapath_fallback, "fail closed by default");
+    }
 
     #[test]
     fn defaults_and_overrides() {
