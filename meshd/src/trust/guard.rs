@@ -111,32 +111,49 @@ impl Guarded {
     }
 }
 
-/// Counts the bytes a value serializes to, without allocating.
-#[derive(Debug, Default)]
-struct CountingWriter(usize);
-
-impl std::io::Write for CountingWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
+/// About the bytes `value` takes in etcd (its JSON encoding), estimated from its
+/// variable-length parts plus a fixed allowance per field: within a small factor of the
+/// encoding, without serializing (this runs for every peer event).
+pub(super) fn encoded_len(value: &StateValue) -> usize {
+    fn opt(s: &Option<String>) -> usize {
+        s.as_ref().map_or(0, |s| s.len() + 12)
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    match value {
+        StateValue::Identity(e) => {
+            24 + e
+                .labels
+                .iter()
+                .map(|l| l.key.len() + l.value.len() + 12)
+                .sum::<usize>()
+        }
+        StateValue::Ip(e) => {
+            96 + opt(&e.node)
+                + opt(&e.namespace)
+                + opt(&e.pod)
+                + e.named_ports.keys().map(|k| k.len() + 36).sum::<usize>()
+        }
+        StateValue::Node(n) => {
+            64 + n.name.len()
+                + n.cluster.as_str().len()
+                + 48 * (n.addresses.len() + n.pod_cidrs.len())
+        }
+        StateValue::Service(s) => {
+            160 + s.cluster.as_str().len()
+                + s.namespace.len()
+                + s.name.len()
+                + 44 * s.frontends.len()
+                + s.ports.iter().map(|p| p.name.len() + 44).sum::<usize>()
+                + s.backends
+                    .values()
+                    .map(|b| {
+                        72 + opt(&b.hostname)
+                            + opt(&b.node)
+                            + opt(&b.zone)
+                            + b.ports.iter().map(|p| p.name.len() + 44).sum::<usize>()
+                    })
+                    .sum::<usize>()
+        }
     }
-}
-
-/// The size of `value` as it is stored in etcd (its JSON encoding).
-fn encoded_len(value: &StateValue) -> usize {
-    let mut w = CountingWriter::default();
-    let r = match value {
-        StateValue::Identity(e) => serde_json::to_writer(&mut w, e),
-        StateValue::Ip(e) => serde_json::to_writer(&mut w, e),
-        StateValue::Node(e) => serde_json::to_writer(&mut w, e),
-        StateValue::Service(e) => serde_json::to_writer(&mut w, e),
-    };
-    // Serializing these plain structs cannot fail; a failure would only undercount.
-    debug_assert!(r.is_ok());
-    w.0
 }
 
 /// The peer guard. See the [module documentation](super).
@@ -199,7 +216,7 @@ impl PeerGuard {
         }
         match ev {
             ClusterEvent::Config { cluster, config } => {
-                let st = self.clusters.entry(cluster.clone()).or_default();
+                let st = state(&mut self.clusters, &cluster);
                 let id = Some(config.id.get());
                 if st.id != id {
                     st.id = id;
@@ -209,7 +226,7 @@ impl PeerGuard {
             }
             ClusterEvent::Init { cluster, kind } => {
                 self.clock += 1;
-                let st = self.clusters.entry(cluster.clone()).or_default();
+                let st = state(&mut self.clusters, &cluster);
                 st.listing.insert(
                     kind,
                     Listing {
@@ -230,7 +247,7 @@ impl PeerGuard {
             ClusterEvent::InitDone { cluster, kind } => {
                 self.sweep(&cluster, kind);
                 let ready = self.ranges_ready(&cluster);
-                let st = self.clusters.entry(cluster.clone()).or_default();
+                let st = state(&mut self.clusters, &cluster);
                 if st.over_quota.remove(&kind) {
                     st.degraded.insert(kind);
                 } else if st.degraded.remove(&kind) && st.degraded.is_empty() {
@@ -271,7 +288,7 @@ impl PeerGuard {
             } => {
                 self.clock += 1;
                 let clock = self.clock;
-                let st = self.clusters.entry(cluster.clone()).or_default();
+                let st = state(&mut self.clusters, &cluster);
                 st.listing.insert(
                     StateKind::Nodes,
                     Listing {
@@ -287,7 +304,7 @@ impl PeerGuard {
                 ..
             } => {
                 let clock = self.clock;
-                let st = self.clusters.entry(cluster.clone()).or_default();
+                let st = state(&mut self.clusters, &cluster);
                 let changed = st.nodes.get(&n.name).is_none_or(|s| s.raw != *n);
                 if changed {
                     self.ranges_dirty = true;
@@ -321,7 +338,7 @@ impl PeerGuard {
             } => {
                 let cluster = cluster.clone();
                 self.sweep(&cluster, StateKind::Nodes);
-                let st = self.clusters.entry(cluster).or_default();
+                let st = state(&mut self.clusters, &cluster);
                 st.nodes_listed = true;
                 self.ranges_dirty = true;
             }
@@ -383,13 +400,13 @@ impl PeerGuard {
     ) {
         let bytes = encoded_len(&value);
         if bytes > self.limits.max_value_bytes {
-            self.clusters.entry(cluster.clone()).or_default();
+            state(&mut self.clusters, &cluster);
             self.refuse(&cluster, &key, Refusal::ValueTooLarge);
             return;
         }
         let bytes = bytes as u32;
         let kind = key.kind();
-        let st = self.clusters.entry(cluster.clone()).or_default();
+        let st = state(&mut self.clusters, &cluster);
         let held = st.held(&key);
         let old = held.map_or(0, |h| u64::from(h.0));
         let total = st.bytes - old + u64::from(bytes);
@@ -447,7 +464,7 @@ impl PeerGuard {
             }
             StateValue::Ip(e) => {
                 let verdict = self.ip_verdict(&cluster, &e);
-                let st = self.clusters.entry(cluster.clone()).or_default();
+                let st = state(&mut self.clusters, &cluster);
                 let was = st.ips.get(&e.ip).map(|s| s.verdict);
                 if was == Some(Verdict::Pending) {
                     st.pending -= 1;
@@ -474,7 +491,7 @@ impl PeerGuard {
                     self.ranges_dirty = true;
                 }
                 let emitted = prev.and_then(|p| p.emitted);
-                let st = self.clusters.entry(cluster).or_default();
+                let st = state(&mut self.clusters, &cluster);
                 st.nodes.insert(
                     n.name.clone(),
                     NodeSlot {
@@ -487,7 +504,7 @@ impl PeerGuard {
             }
             StateValue::Service(s) => {
                 let ready = self.can_judge(&cluster);
-                let st = self.clusters.entry(cluster.clone()).or_default();
+                let st = state(&mut self.clusters, &cluster);
                 let sk = (s.namespace.clone(), s.name.clone());
                 let prev = st.services.remove(&sk);
                 let was_emitted = prev.as_ref().and_then(|p| p.emitted.clone());
@@ -517,7 +534,7 @@ impl PeerGuard {
                     });
                     slot.emitted = Some(refused);
                 } else {
-                    self.clusters.entry(cluster.clone()).or_default().pending += 1;
+                    state(&mut self.clusters, &cluster).pending += 1;
                     if was_emitted.is_some() {
                         out.push(ClusterEvent::Delete {
                             cluster: cluster.clone(),
@@ -790,7 +807,7 @@ impl PeerGuard {
             if changed || pending {
                 self.rejudge(cluster, out);
             }
-            let st = self.clusters.entry(cluster.clone()).or_default();
+            let st = state(&mut self.clusters, &cluster);
             for kind in std::mem::take(&mut st.held) {
                 out.push(ClusterEvent::InitDone {
                     cluster: cluster.clone(),
@@ -886,6 +903,17 @@ impl PeerGuard {
             })
             .collect()
     }
+}
+
+/// The books of `cluster`, created on first use (no allocation when they exist).
+fn state<'a>(
+    clusters: &'a mut BTreeMap<ClusterName, Guarded>,
+    cluster: &ClusterName,
+) -> &'a mut Guarded {
+    if !clusters.contains_key(cluster) {
+        clusters.insert(cluster.clone(), Guarded::default());
+    }
+    clusters.get_mut(cluster).expect("just inserted")
 }
 
 /// Judges a peer's ipcache entry: a host prefix on an address the peer owns.

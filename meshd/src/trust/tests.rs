@@ -814,3 +814,48 @@ mod incremental {
         }
     }
 }
+
+#[test]
+fn value_size_estimate_is_close_to_the_encoding() {
+    // The quota's byte count is estimated without serializing; it stays within a small
+    // factor of the JSON etcd stores, for small and for large values.
+    let mut big = ip_entry("west", "198.18.2.1", 32);
+    big.pod = Some("p".repeat(5000));
+    big.namespace = Some("shop".into());
+    big.node = Some("node-1".into());
+    let svc = match service(
+        "west",
+        "web",
+        &(1..=200)
+            .map(|i| format!("198.18.2.{i}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    ) {
+        ClusterEvent::Apply { value, .. } => value,
+        _ => unreachable!(),
+    };
+    let node = match node("west", "w1", &["198.18.2.0/24"], "198.18.0.2") {
+        ClusterEvent::Apply { value, .. } => value,
+        _ => unreachable!(),
+    };
+    for v in [
+        StateValue::Ip(ip_entry("west", "198.18.2.1", 32)),
+        StateValue::Ip(big),
+        svc,
+        node,
+    ] {
+        let json = match &v {
+            StateValue::Ip(e) => crate::keys::encode(e).len(),
+            StateValue::Service(e) => crate::keys::encode(e).len(),
+            StateValue::Node(e) => crate::keys::encode(e).len(),
+            StateValue::Identity(e) => crate::keys::encode(e).len(),
+        };
+        let est = guard::encoded_len(&v);
+        assert!(
+            est * 2 >= json && est <= json * 2,
+            "estimate {est} vs JSON {json}"
+        );
+    }
+}
