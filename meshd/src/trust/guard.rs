@@ -288,7 +288,7 @@ impl PeerGuard {
             } => {
                 self.clock += 1;
                 let clock = self.clock;
-                let st = state(&mut self.clusters, &cluster);
+                let st = state(&mut self.clusters, cluster);
                 st.listing.insert(
                     StateKind::Nodes,
                     Listing {
@@ -304,7 +304,7 @@ impl PeerGuard {
                 ..
             } => {
                 let clock = self.clock;
-                let st = state(&mut self.clusters, &cluster);
+                let st = state(&mut self.clusters, cluster);
                 let changed = st.nodes.get(&n.name).is_none_or(|s| s.raw != *n);
                 if changed {
                     self.ranges_dirty = true;
@@ -807,7 +807,7 @@ impl PeerGuard {
             if changed || pending {
                 self.rejudge(cluster, out);
             }
-            let st = state(&mut self.clusters, &cluster);
+            let st = state(&mut self.clusters, cluster);
             for kind in std::mem::take(&mut st.held) {
                 out.push(ClusterEvent::InitDone {
                     cluster: cluster.clone(),
