@@ -146,6 +146,9 @@ pub struct Args {
     /// cluster (unset: no ClusterSetIPs).
     #[arg(long, env = "MESH_CLUSTERSET_CIDR")]
     pub clusterset_cidr: Option<ipnet::IpNet>,
+    /// The identity relay peers dial instead of etcd (off without --relay-listen).
+    #[command(flatten)]
+    pub relay: crate::relay::RelayArgs,
     /// Only parse --manifests, print every problem with its location, and exit (1 when any
     /// manifest is bad); nothing is connected or started. `meshctl up` runs this first.
     #[arg(long)]
@@ -197,6 +200,9 @@ pub enum AppError {
     /// Bootstrapping etcd's users and roles failed.
     #[error(transparent)]
     Bootstrap(#[from] crate::bootstrap::BootstrapError),
+    /// The identity relay could not be set up.
+    #[error(transparent)]
+    Relay(#[from] crate::relay::RelayError),
     /// `--check` found bad manifests.
     #[error("{} problem(s) in the manifests under {}:\n{}", .problems.len(), .dir.display(), .problems.join("\n"))]
     Manifests {
@@ -314,13 +320,19 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         }
     })?;
     let (tls, _cert) = api::server_tls(args.grpc_cert.clone(), args.grpc_key.clone(), &client_ca)?;
+    let relay = crate::relay::RelayConfig::from_args(&args.relay, &args.etcd.load()?)?;
     let grpc = bind("the gRPC API", args.grpc_listen).await?;
+    let relay = match relay {
+        Some((addr, rcfg)) => Some((bind("the relay", addr).await?, rcfg)),
+        None => None,
+    };
     let health_listener = bind("the health endpoint", args.health_listen).await?;
     tracing::info!(
         cluster = %cfg.cluster,
         id = %cfg.cluster_id,
         grpc = %args.grpc_listen,
         health = %args.health_listen,
+        relay = ?args.relay.relay_listen,
         source = ?args.source,
         "clustermesh-apiserver starting"
     );
@@ -338,6 +350,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     if let Some(c) = &clusterset_cfg {
         c.metrics.register(&mut registry);
     }
+    let relay = match relay {
+        Some((listener, rcfg)) => {
+            let m = crate::relay::RelayMetrics::default();
+            m.register(&mut registry);
+            Some((listener, crate::relay::Relay::new(rcfg, m)?))
+        }
+        None => None,
+    };
     let registry = Arc::new(registry);
     let (status_tx, status) = watch::channel(ExportStatus::default());
 
@@ -362,6 +382,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
                 .map_err(AppError::Health)
         }
     });
+    if let Some((listener, relay)) = relay {
+        let stop = stop.clone();
+        parts.spawn(async move {
+            relay.run(listener, stop).await;
+            Ok(())
+        });
+    }
     let peer_events = match (&args.peer_secrets_namespace, &kube, &args.peers_dir) {
         (Some(ns), Some(client), _) => Some(
             meshd::kube::PeerSecretWatcher::new(client.clone(), ns.clone())

@@ -5,8 +5,9 @@
 //! `mesh/cluster-config/...`, `mesh/policies/...`, `mesh/heartbeat` and `mesh/synced/...`
 //! into the cluster's etcd through the `meshd` `KvStore`; [`kvstoremesh`] mirrors peers
 //! (peer kubeconfig files or Secrets) into `mesh/cache/...`; [`clusterset`] allocates
-//! ClusterSetIPs; [`bootstrap`] creates etcd users and roles; [`api`] serves mTLS gRPC; in
-//! Kubernetes mode the MCS status (ServiceImports, ServiceExport conditions) is written
+//! ClusterSetIPs; [`bootstrap`] creates etcd users and roles; [`api`] serves mTLS gRPC;
+//! [`relay`] is the endpoint peers dial instead of etcd (mTLS in, the same CN out to etcd,
+//! connections of a revoked peer user cut within seconds); in Kubernetes mode the MCS status (ServiceImports, ServiceExport conditions) is written
 //! back from what etcd holds.
 
 pub mod allocator;
@@ -17,4 +18,5 @@ pub mod clusterset;
 pub mod export;
 pub mod health;
 pub mod kvstoremesh;
+pub mod relay;
 pub mod source;

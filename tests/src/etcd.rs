@@ -33,6 +33,12 @@ pub struct EtcdGuard {
 impl EtcdGuard {
     /// Starts etcd with TLS, `--client-cert-auth`, a `root` user and auth enabled.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_trusting(&[]).await
+    }
+
+    /// [`EtcdGuard::start`], with etcd also accepting client certificates of the CAs in
+    /// `extra_client_cas` (PEM; e.g. a relay CA) besides its own CA.
+    pub async fn start_trusting(extra_client_cas: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("mesh-etcd-")
             .tempdir()
@@ -44,7 +50,14 @@ impl EtcdGuard {
             &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
         ))?;
         server.write_files(dir.path(), "server")?;
-        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem())?;
+        let mut trusted = ca.cert_pem().to_owned();
+        for extra in extra_client_cas {
+            if !trusted.ends_with('\n') {
+                trusted.push('\n');
+            }
+            trusted.push_str(extra);
+        }
+        std::fs::write(dir.path().join("ca.crt"), trusted)?;
         let mut g = Self {
             dir,
             client_port: 0,

@@ -354,6 +354,7 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
                 ca_key,
                 apiserver_grpc: None,
                 agent_grpc: Some(grpc_addr.to_string()),
+                peer_endpoint: None,
             },
         }],
     )

@@ -7,9 +7,10 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use mesh_tests::meshctl::{MeshGuard, examples_dir, meshctl, meshctl_env, procs_with, text};
 use meshd::ctl::admin::{self, ClusterAdmin};
-use meshd::kv::EtcdStore;
+use meshd::kv::{EtcdStore, KvStore};
 use meshd::peers::PeerCredential;
 use serde_json::Value;
 
@@ -99,6 +100,38 @@ fn read_with(rt: &tokio::runtime::Runtime, cred: &PeerCredential) -> Result<bool
     })
 }
 
+/// Watches `mesh/state/` with `cred` on its own thread (the watch is open when this
+/// returns); the receiver gets the moment the watch ended and why.
+fn watch_until_end(cred: &PeerCredential) -> std::sync::mpsc::Receiver<(Instant, String)> {
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    let (end_tx, end_rx) = std::sync::mpsc::channel();
+    let cfg = cred.to_etcd_config();
+    std::thread::spawn(move || {
+        // The crypto provider is installed already (by the caller's `runtime()`).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let store = EtcdStore::connect(&cfg).await.expect("peer store");
+            let mut stream = store.watch("mesh/state/", 0).await.expect("watch opens");
+            let _ = open_tx.send(());
+            let why = loop {
+                match stream.next().await {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "stream closed".to_owned(),
+                }
+            };
+            let _ = end_tx.send((Instant::now(), why));
+        });
+    });
+    open_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the peer watch opens");
+    end_rx
+}
+
 fn etcd_users(rt: &tokio::runtime::Runtime, a: &ClusterAdmin) -> Vec<String> {
     rt.block_on(async {
         let mut c = a.etcd().await.expect("etcd as root");
@@ -150,18 +183,58 @@ fn connect_and_disconnect_three_clusters() {
         PeerCredential::from_kubeconfig(&path, &std::fs::read_to_string(&path).expect("peer file"))
             .expect("peer credential");
     assert_eq!(read_with(&rt, &old), Ok(true));
+    // It goes through west's identity relay, not to west's etcd.
+    let adm = admins(&dir);
+    assert_ne!(old.server, adm[1].cred.server, "peers dial the relay");
+    // A watch opened with it before the disconnect must end within 5 s of the revocation.
+    let watch = watch_until_end(&old);
 
-    let dc = meshctl(
-        &["disconnect", "east", "west", "--wait", "-o", "json"],
-        &dir,
+    let disconnect = {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            meshctl(
+                &["disconnect", "east", "west", "--wait", "-o", "json"],
+                &dir,
+            )
+        })
+    };
+    // The last moment remote-east still existed in west's etcd: a lower bound of the
+    // revocation time, so the measured figure is an upper bound.
+    let still_there = rt.block_on(async {
+        let mut c = adm[1].etcd().await.expect("west's etcd as root");
+        let mut last = Instant::now();
+        let deadline = last + Duration::from_secs(60);
+        loop {
+            let now = Instant::now();
+            let users = c.user_list().await.expect("user list").users().to_vec();
+            if !users.contains(&"remote-east".to_owned()) {
+                return last;
+            }
+            last = now;
+            assert!(now < deadline, "remote-east not revoked within 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let (ended, why) = watch
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the revoked credential's watch ends");
+    let took = ended.saturating_duration_since(still_there);
+    println!(
+        "disconnect: the revoked credential's open watch ended within {took:?} of the revocation ({why})"
     );
+    assert!(
+        took <= Duration::from_secs(5),
+        "the revoked credential's watch ran {took:?} after the revocation"
+    );
+    let dc = disconnect.join().expect("disconnect thread");
     assert!(dc.status.success(), "disconnect:\n{}", text(&dc));
     assert_eq!(json(&dc)["settled"], Value::Bool(true), "{}", text(&dc));
 
-    // ...and is refused after it; both sides drained the other.
+    // ...and is refused after it (by etcd, or already by the relay, which closes a revoked
+    // user's connections); both sides drained the other.
     let refused = read_with(&rt, &old);
     assert!(
-        matches!(&refused, Err(e) if e.contains("user name not found") || e.contains("permission denied") || e.contains("authentication failed")),
+        matches!(&refused, Err(e) if e.contains("user name not found") || e.contains("permission denied") || e.contains("authentication failed") || e.contains("transport error")),
         "revoked credential still reads: {refused:?}"
     );
     wait_backends(&dir, "east", &["east", "north"]);
@@ -171,7 +244,6 @@ fn connect_and_disconnect_three_clusters() {
         peer_files(&dir, "east"),
         BTreeSet::from(["north.kubeconfig".to_owned()])
     );
-    let adm = admins(&dir);
     let (east, west) = (&adm[0], &adm[1]);
     assert!(!etcd_users(&rt, west).contains(&"remote-east".to_owned()));
     assert!(!etcd_users(&rt, east).contains(&"remote-west".to_owned()));
@@ -238,6 +310,7 @@ fn connect_and_disconnect_three_clusters() {
                 "apiserverHealthPort",
                 "agentGrpcPort",
                 "agentHealthPort",
+                "relayPort",
             ]
             .map(|k| c[k].as_u64().and_then(|p| u16::try_from(p).ok()).expect(k))
         })

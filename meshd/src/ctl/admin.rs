@@ -5,7 +5,8 @@
 //!  --kubeconfig a.kubeconfig:b.kubeconfig  (default .meshd/kubeconfig, written by `up`)
 //!     one context per cluster ── cluster: etcd server + CA ── user: root client cert/key
 //!        extensions: meshd.io/cluster {clusterId, maxConnectedClusters}
-//!                    meshd.io/admin   {peersDir, caKey, apiserverGrpc, agentGrpc}
+//!                    meshd.io/admin   {peersDir, caKey, apiserverGrpc, agentGrpc,
+//!                                      peerEndpoint {server, peerCa, peerCaKey}}
 //!     ─► ClusterAdmin per context (names unique across all files)
 //! ```
 
@@ -74,6 +75,24 @@ pub struct AdminExtension {
     /// `host:port` of the agent's mTLS gRPC API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_grpc: Option<String>,
+    /// What peers of this cluster are given: the identity relay and the peer CA. Absent:
+    /// peers get the etcd server itself and certificates of the cluster CA (no relay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_endpoint: Option<PeerEndpoint>,
+}
+
+/// The clustermesh endpoint peers dial (`meshd.io/admin` `peerEndpoint`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerEndpoint {
+    /// `https://host:port` of the apiserver's identity relay: the `server` of every peer
+    /// kubeconfig of this cluster.
+    pub server: String,
+    /// The peer CA certificate (PEM): it signs the peer credentials and the relay's server
+    /// certificate; only the relay trusts it (etcd does not).
+    pub peer_ca: PathBuf,
+    /// The peer CA's key.
+    pub peer_ca_key: PathBuf,
 }
 
 /// One cluster as an admin kubeconfig context describes it.
@@ -112,6 +131,26 @@ impl ClusterAdmin {
             ),
             source,
         })
+    }
+
+    /// The peer CA (with its key) and the relay endpoint, when the cluster runs a relay.
+    pub fn peer_ca(&self) -> Result<Option<(CertificateAuthority, String)>, CtlError> {
+        let Some(pe) = &self.ext.peer_endpoint else {
+            return Ok(None);
+        };
+        let ca =
+            CertificateAuthority::from_files(&pe.peer_ca, &pe.peer_ca_key).map_err(|source| {
+                CtlError::Cert {
+                    context: format!(
+                        "the peer CA {} / {} of {}",
+                        pe.peer_ca.display(),
+                        pe.peer_ca_key.display(),
+                        self.whence()
+                    ),
+                    source,
+                }
+            })?;
+        Ok(Some((ca, pe.server.clone())))
     }
 
     /// etcd client configuration as `root`, with short timeouts for interactive use.
@@ -210,7 +249,11 @@ fn admin_extension(
     let mut ext: AdminExtension =
         serde_json::from_value(ext.extension.clone()).map_err(|e| bad(e.to_string()))?;
     let base = file.parent().unwrap_or(Path::new("."));
-    for p in [&mut ext.peers_dir, &mut ext.ca_key] {
+    let mut paths = vec![&mut ext.peers_dir, &mut ext.ca_key];
+    if let Some(pe) = &mut ext.peer_endpoint {
+        paths.extend([&mut pe.peer_ca, &mut pe.peer_ca_key]);
+    }
+    for p in paths {
         if p.is_relative() {
             *p = base.join(&*p);
         }
@@ -362,6 +405,7 @@ mod tests {
                 ca_key: pki.join("ca.key"),
                 apiserver_grpc: Some("127.0.0.1:1".into()),
                 agent_grpc: None,
+                peer_endpoint: None,
             },
         }
     }
@@ -370,11 +414,13 @@ mod tests {
     fn admin_kubeconfig_round_trip_and_errors() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("kubeconfig");
-        write_kubeconfig(
-            &file,
-            &[entry(dir.path(), "east", 1), entry(dir.path(), "west", 2)],
-        )
-        .unwrap();
+        let mut east = entry(dir.path(), "east", 1);
+        east.ext.peer_endpoint = Some(PeerEndpoint {
+            server: "https://127.0.0.1:2380".into(),
+            peer_ca: PathBuf::from("east/ca.crt"),
+            peer_ca_key: PathBuf::from("east/ca.key"),
+        });
+        write_kubeconfig(&file, &[east, entry(dir.path(), "west", 2)]).unwrap();
         let all = load(std::slice::from_ref(&file)).unwrap();
         let names: Vec<&str> = all.iter().map(|a| a.name().as_str()).collect();
         assert_eq!(names, ["east", "west"]);
@@ -384,6 +430,13 @@ mod tests {
         assert_eq!(west.ext.peers_dir, dir.path().join("west/peers"));
         assert_eq!(west.ext.agent_grpc, None);
         west.ca().unwrap();
+        assert!(west.peer_ca().unwrap().is_none());
+        // The peer endpoint round-trips; its relative paths resolve like the others.
+        let east = select(&all, "east").unwrap();
+        let pe = east.ext.peer_endpoint.as_ref().unwrap();
+        assert_eq!(pe.peer_ca_key, dir.path().join("east/ca.key"));
+        let (_, server) = east.peer_ca().unwrap().unwrap();
+        assert_eq!(server, "https://127.0.0.1:2380");
         let e = select(&all, "north").unwrap_err().to_string();
         assert!(e.contains("clusters there: east, west"), "{e}");
 

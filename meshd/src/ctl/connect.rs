@@ -7,11 +7,14 @@
 //!                maxConnectedClusters equal, each etcd's cluster-config agrees with its
 //!                context, not already connected, no ID clash with either side's peers
 //!                ─► remote-A in B's etcd, remote-B in A's, client certs signed by the
-//!                owning side's CA ─► A/peers/B.kubeconfig, B/peers/A.kubeconfig
+//!                owning side's peer CA (its cluster CA without `peerEndpoint`)
+//!                ─► A/peers/B.kubeconfig, B/peers/A.kubeconfig (server: B's relay, CA:
+//!                B's peer CA; B's etcd without `peerEndpoint`)
 //!                (a failure undoes what was done, in reverse) ─► --wait: both agents
 //!                report each other ready
 //!  disconnect    remove both peer files (apiservers and agents drain the peer), revoke
-//!                both users ─► --wait: neither agent lists the other
+//!                both users (each relay cuts the revoked user's open connections within
+//!                about a second) ─► --wait: neither agent lists the other
 //! ```
 
 use std::io::{IsTerminal, Write};
@@ -140,6 +143,8 @@ pub(super) struct Side {
     pub(super) admin: ClusterAdmin,
     etcd: Client,
     ca: CertificateAuthority,
+    /// The peer CA and the relay endpoint peers are given (`peerEndpoint`), if any.
+    peer: Option<(CertificateAuthority, String)>,
     peers: PeerStore,
 }
 
@@ -219,11 +224,13 @@ async fn probe(admin: &ClusterAdmin) -> Result<(), CtlError> {
 pub(super) async fn open(admin: &ClusterAdmin) -> Result<Side, CtlError> {
     let ca = admin.ca()?;
     probe(admin).await?;
+    let peer = admin.peer_ca()?;
     let etcd = admin.etcd().await?;
     Ok(Side {
         admin: admin.clone(),
         etcd,
         ca,
+        peer,
         peers: PeerStore::Dir(admin.ext.peers_dir.clone()),
     })
 }
@@ -306,6 +313,7 @@ async fn open_kube(
             ca_key: PathBuf::new(),
             apiserver_grpc: None,
             agent_grpc: None,
+            peer_endpoint: None,
         },
         file,
     };
@@ -315,6 +323,7 @@ async fn open_kube(
         admin,
         etcd,
         ca,
+        peer: None,
         peers: PeerStore::Secrets {
             client,
             namespace: namespace.to_owned(),
@@ -453,9 +462,19 @@ pub(super) async fn connect_pair(
                 user: user.clone(),
             });
             steps.push(format!("created etcd user {user} in {}", o.admin.name()));
-            // Role peer: opens owner's etcd (read-only, by the CN); every gRPC API refuses it.
-            let cert =
-                o.ca.issue(
+            // Role peer: opens owner's etcd (read-only, by the CN) through owner's relay when
+            // it has one (then the peer CA signs it, which etcd itself does not trust);
+            // every gRPC API refuses it.
+            let (issuer, server, ca_pem) = match &o.peer {
+                Some((peer_ca, relay)) => (peer_ca, relay.clone(), peer_ca.cert_pem().to_owned()),
+                None => (
+                    &o.ca,
+                    o.admin.cred.server.clone(),
+                    o.admin.cred.ca_pem.clone(),
+                ),
+            };
+            let cert = issuer
+                .issue(
                     &CertRequest::client(&user)
                         .with_role(o.admin.name().as_str(), Role::Peer)
                         .with_validity(validity),
@@ -469,8 +488,8 @@ pub(super) async fn connect_pair(
                 name: oc.name.clone(),
                 cluster_id: oc.cluster_id,
                 max_connected_clusters: oc.max_connected_clusters,
-                server: oc.server.clone(),
-                ca_pem: oc.ca_pem.clone(),
+                server,
+                ca_pem,
                 cert_pem: cert.cert_pem,
                 key_pem: cert.key_pem,
                 tls_server_name: oc.tls_server_name.clone(),

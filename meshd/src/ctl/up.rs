@@ -2,13 +2,31 @@
 //!
 //! ```text
 //!  up:  per cluster  pki/ (CA, etcd server, root/apiserver/agent/meshctl clients, gRPC servers;
-//!                    each with its role SAN; on a running mesh: role-less ones reissued)
+//!                    each with its role SAN; on a running mesh: role-less ones reissued;
+//!                    the peer CA, the relay CA and the relay's server certificate)
 //!                    etcd (TLS, client-cert auth, auth on) ── bootstrap users/roles
-//!       every pair   remote-<A> in B's etcd + <A>/peers/<B>.kubeconfig
-//!       per cluster  clustermesh-apiserver + mesh-agent (detached with setsid, logs/)
+//!       every pair   remote-<A> in B's etcd + <A>/peers/<B>.kubeconfig (B's relay, B's peer CA)
+//!       per cluster  clustermesh-apiserver (with the identity relay) + mesh-agent (detached
+//!                    with setsid, logs/)
 //!       state.json   every PID and port (written after each start), then wait for /readyz
 //!  down: SIGTERM exactly the recorded PIDs still running our binaries, 10 s, then SIGKILL
 //! ```
+//!
+//! Trust per cluster, so that revoking a peer ends its open watches (the apiserver's relay
+//! cuts them; etcd would not) and no peer can go around the relay:
+//!
+//! | file in `<cluster>/pki/` | what it is | who trusts it |
+//! | --- | --- | --- |
+//! | `ca.crt`, `ca.key` | cluster CA: etcd's server cert, root, apiserver, agent, gRPC | etcd, gRPC APIs, meshctl |
+//! | `peer-ca.crt`, `peer-ca.key` | peer CA: every `remote-<peer>` credential and `relay.crt` | the relay only (peers verify the relay by it) |
+//! | `relay.crt`, `relay.key` | the relay's server certificate (localhost, 127.0.0.1) | peers |
+//! | `relay-ca.crt`, `relay-ca.key` | relay CA: the relay mints, in memory, a cert with the peer's CN | etcd |
+//! | `etcd-client-ca.crt` | `ca.crt` + `relay-ca.crt`: etcd's `--trusted-ca-file` | — |
+//!
+//! A peer certificate presented to etcd directly fails the TLS handshake (etcd does not trust
+//! the peer CA); the relay accepts only `remote-<cluster>` CNs. The admin kubeconfig's
+//! `meshd.io/admin` extension names the relay and the peer CA (`peerEndpoint`), which
+//! `meshctl connect` uses.
 
 use std::collections::HashSet;
 use std::io::{IsTerminal, Read, Write};
@@ -22,7 +40,7 @@ use clap::Args;
 use mesh_certs::{CertRequest, CertificateAuthority, Role};
 use serde::{Deserialize, Serialize};
 
-use super::admin::{self, AdminEntry, AdminExtension, KUBECONFIG_FILE};
+use super::admin::{self, AdminEntry, AdminExtension, KUBECONFIG_FILE, PeerEndpoint};
 use super::{CtlError, Status, certs, connect, etcd_auth, fail, runtime};
 use crate::kv::{EtcdConfig, EtcdStore};
 use crate::model::{ClusterName, MaxConnectedClusters};
@@ -34,6 +52,11 @@ const ETCD_BIN: &str = "etcd";
 const APISERVER_BIN: &str = "clustermesh-apiserver";
 const AGENT_BIN: &str = "mesh-agent";
 const CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Listening ports per cluster (etcd client and peer, apiserver gRPC and health, agent gRPC,
+/// health and DNS, relay).
+const PORTS_PER_CLUSTER: usize = 8;
+/// etcd's `--trusted-ca-file`: the cluster CA and the relay CA (never the peer CA).
+const ETCD_CLIENT_CA: &str = "etcd-client-ca.crt";
 
 /// Arguments of `meshctl up`.
 #[derive(Debug, Clone, Args)]
@@ -124,6 +147,10 @@ pub struct ClusterState {
     /// agent DNS port (UDP and TCP, `clusterset.local`); 0 in states of older versions.
     #[serde(default)]
     pub dns_port: u16,
+    /// The apiserver's identity relay (`https://127.0.0.1:<port>`, the endpoint peers dial);
+    /// 0 in states of older versions (peers then dial etcd).
+    #[serde(default)]
+    pub relay_port: u16,
     /// The agent's bpffs pin directory (eBPF datapath only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin_dir: Option<PathBuf>,
@@ -287,6 +314,42 @@ struct Plan {
     dir: PathBuf,
     manifests: PathBuf,
     ca: CertificateAuthority,
+}
+
+/// The relay's PKI of `p` (see the module docs): peer CA, relay CA, the relay's server
+/// certificate (from the peer CA) and etcd's trusted bundle (cluster CA + relay CA).
+fn write_relay_pki(p: &Plan, pki: &Path) -> Result<(), CtlError> {
+    let name = &p.name;
+    let peer_ca =
+        CertificateAuthority::generate(&format!("meshd-{name}-peer-ca"), CERT_VALIDITY * 10)
+            .map_err(cert_err(format!("creating the peer CA of {name}")))?;
+    let relay_ca =
+        CertificateAuthority::generate(&format!("meshd-{name}-relay-ca"), CERT_VALIDITY * 10)
+            .map_err(cert_err(format!("creating the relay CA of {name}")))?;
+    for (ca, stem) in [(&peer_ca, "peer-ca"), (&relay_ca, "relay-ca")] {
+        ca.write_files(pki, stem)
+            .map_err(cert_err(format!("writing {stem} of {name}")))?;
+    }
+    let lo = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    peer_ca
+        .issue(
+            &CertRequest::server("clustermesh-relay", &["localhost"], &lo)
+                .with_validity(CERT_VALIDITY),
+        )
+        .and_then(|c| c.write_files(pki, "relay").map(|_| ()))
+        .map_err(cert_err(format!("issuing the relay certificate of {name}")))?;
+    let mut bundle = p.ca.cert_pem().to_owned();
+    if !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(relay_ca.cert_pem());
+    mesh_certs::write_file_atomic(
+        &pki.join(ETCD_CLIENT_CA),
+        bundle.as_bytes(),
+        mesh_certs::FileKind::Public,
+    )
+    .map_err(cert_err(format!("writing {ETCD_CLIENT_CA} of {name}")))?;
+    Ok(())
 }
 
 impl Plan {
@@ -543,15 +606,16 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
                 .and_then(|c| c.write_files(&pki, stem).map(|_| ()))
                 .map_err(cert_err(format!("issuing {stem} for {name}")))?;
         }
+        write_relay_pki(&plan, &pki)?;
         plans.push(plan);
     }
 
-    let ports = free_ports(7 * n)?;
+    let ports = free_ports(PORTS_PER_CLUSTER * n)?;
     let mut state = MeshState {
         state_dir: state_dir.clone(),
         clusters: plans
             .iter()
-            .zip(ports.chunks(7))
+            .zip(ports.chunks(PORTS_PER_CLUSTER))
             .map(|(p, pt)| ClusterState {
                 name: p.name.to_string(),
                 id: p.id,
@@ -562,6 +626,7 @@ pub(super) fn up(args: &UpArgs, out: &mut impl Write) -> Result<Status, CtlError
                 agent_grpc_port: pt[4],
                 agent_health_port: pt[5],
                 dns_port: pt[6],
+                relay_port: pt[7],
                 pin_dir: None,
                 cgroup: None,
                 processes: Vec::new(),
@@ -671,7 +736,7 @@ async fn start_all(
             "--key-file".into(),
             p.pki_file("etcd-server.key"),
             "--trusted-ca-file".into(),
-            p.pki_file("ca.crt"),
+            p.pki_file(ETCD_CLIENT_CA),
             "--client-cert-auth".into(),
             "--logger".into(),
             "zap".into(),
@@ -798,6 +863,22 @@ fn apiserver_args(p: &Plan, cs: &ClusterState) -> Vec<String> {
         "--health-listen".into(),
         format!("127.0.0.1:{}", cs.apiserver_health_port),
     ]);
+    if cs.relay_port != 0 {
+        a.extend([
+            "--relay-listen".into(),
+            format!("127.0.0.1:{}", cs.relay_port),
+            "--relay-cert".into(),
+            p.pki_file("relay.crt"),
+            "--relay-key".into(),
+            p.pki_file("relay.key"),
+            "--relay-client-ca".into(),
+            p.pki_file("peer-ca.crt"),
+            "--relay-ca-cert".into(),
+            p.pki_file("relay-ca.crt"),
+            "--relay-ca-key".into(),
+            p.pki_file("relay-ca.key"),
+        ]);
+    }
     a
 }
 
@@ -1002,6 +1083,11 @@ fn write_admin_kubeconfigs(plans: &[Plan], state: &MeshState) -> Result<PathBuf,
                 ca_key: p.pki().join("ca.key"),
                 apiserver_grpc: Some(format!("127.0.0.1:{}", cs.apiserver_grpc_port)),
                 agent_grpc: Some(format!("127.0.0.1:{}", cs.agent_grpc_port)),
+                peer_endpoint: (cs.relay_port != 0).then(|| PeerEndpoint {
+                    server: format!("https://127.0.0.1:{}", cs.relay_port),
+                    peer_ca: p.pki().join("peer-ca.crt"),
+                    peer_ca_key: p.pki().join("peer-ca.key"),
+                }),
             },
         })
         .collect();
@@ -1119,6 +1205,13 @@ fn print_summary(st: &MeshState, out: &mut impl Write) -> Result<(), CtlError> {
         };
         writeln!(out, "cluster {} (id {}): agent {ready}", c.name, c.id)?;
         writeln!(out, "  etcd       https://127.0.0.1:{}", c.etcd_port)?;
+        if c.relay_port != 0 {
+            writeln!(
+                out,
+                "  relay      https://127.0.0.1:{} (what peers dial)",
+                c.relay_port
+            )?;
+        }
         writeln!(
             out,
             "  apiserver  grpc 127.0.0.1:{}  health http://127.0.0.1:{}/readyz",
