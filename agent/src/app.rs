@@ -333,7 +333,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         dp,
         fallback,
         Box::new(RouteResolver::new()),
-        SyncConfig::new(cfg.supervisor.local.clone(), cfg.supervisor.mode),
+        SyncConfig {
+            local_id: cfg.supervisor.local_id.get(),
+            ..SyncConfig::new(cfg.supervisor.local.clone(), cfg.supervisor.mode)
+        },
         dp_metrics,
     );
     let dp_handles = syncer.handles();

@@ -76,6 +76,9 @@ fn east_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 131, i)
 }
 
+/// West's node address (a remote-node to east; reachable on the lab's /16).
+const WEST_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 2);
+
 fn west_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 132, i)
 }
@@ -152,6 +155,8 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
     let db = lab.pod("db", east_ip(30));
     let api = lab.pod("ap", west_ip(40));
     let batch = lab.pod("bt", west_ip(41));
+    // West's node, as a namespace of its own: its address is a remote-node to east.
+    let west_node = lab.pod("nw", WEST_NODE);
     let _db = server(&db);
 
     // Only app=api of west may reach app=db on 5432/TCP (db becomes default-deny ingress).
@@ -161,6 +166,9 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
             "endpointSelector": {"matchLabels": {"app": "db"}},
             "ingress": [{
                 "fromEndpoints": [{"matchLabels": {"app": "api", "io.meshd.cluster": "west"}}],
+                "toPorts": [{"port": 5432, "protocol": "TCP"}]
+            }, {
+                "fromEntities": ["remote-node"],
                 "toPorts": [{"port": 5432, "protocol": "TCP"}]
             }]
         }
@@ -184,11 +192,7 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
         Object::Policy(policy),
     ];
     let west_objects = vec![
-        Object::Node(Box::new(node(
-            "node-w",
-            Ipv4Addr::new(198, 19, 0, 2),
-            "198.18.132.0/24",
-        ))),
+        Object::Node(Box::new(node("node-w", WEST_NODE, "198.18.132.0/24"))),
         Object::Pod(Box::new(pod(
             "shop",
             "api-0",
@@ -251,13 +255,19 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
         proto: abi::PROTO_TCP,
         direction: Direction::Ingress,
     };
+    let remote_node = PolicyRule {
+        identity: meshd::model::ReservedIdentity::RemoteNode.identity().get(),
+        ..expected
+    };
     let mut snaps = policy.snapshots.clone();
     eventually(
-        "the engine allows west api → db 5432/TCP",
+        "the engine allows west api and remote nodes → db 5432/TCP",
         CONVERGE,
         async || {
             let s = snaps.borrow_and_update().clone();
-            s.rules.keys().eq([&expected])
+            let mut want = [&remote_node, &expected];
+            want.sort();
+            s.rules.keys().eq(want)
                 && s.rules[&expected].verdict == Verdict::Allow
                 && s.enforce.get(&db_id)
                     == Some(&Enforcement {
@@ -368,6 +378,14 @@ async fn ebpf_observe_meshctl_shows_policy_drops_with_labels_and_clusters() {
     // Allowed: west app=api → db:5432. Dropped: api → 5433 (port), batch → 5432 (identity).
     let r = request(&api, "tcp", db.ip, 5432, 3.0).await;
     assert_eq!(r.as_deref(), Ok("db"), "api → db:5432 is allowed");
+    // fromEntities: [remote-node] matches in the kernel: west's node address carries the
+    // remote-node identity in the ipcache (without it, it would be `world` and dropped).
+    let r = request(&west_node, "tcp", db.ip, 5432, 3.0).await;
+    assert_eq!(
+        r.as_deref(),
+        Ok("db"),
+        "west's node → db:5432 is allowed (remote-node)"
+    );
     let r = request(&api, "tcp", db.ip, 5433, 1.0).await;
     assert!(r.is_err(), "api → db:5433 must be dropped: {r:?}");
     let r = request(&batch, "tcp", db.ip, 5432, 1.0).await;

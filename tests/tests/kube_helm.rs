@@ -293,8 +293,15 @@ fn kube_helm_chart_renders_valid_objects() {
     assert_eq!(c.security_context.clone().unwrap().privileged, Some(true));
     // Fail closed: the agent runs eBPF or does not start (no silent recording fallback).
     let agent_args = c.args.clone().unwrap();
-    assert!(agent_args.contains(&"--datapath=ebpf".to_owned()), "{agent_args:?}");
-    assert!(!agent_args.iter().any(|a| a.starts_with("--datapath-fallback")));
+    assert!(
+        agent_args.contains(&"--datapath=ebpf".to_owned()),
+        "{agent_args:?}"
+    );
+    assert!(
+        !agent_args
+            .iter()
+            .any(|a| a.starts_with("--datapath-fallback"))
+    );
     let mounts = c.volume_mounts.clone().unwrap();
     let bpf = mounts
         .iter()

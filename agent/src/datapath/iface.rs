@@ -26,6 +26,11 @@ pub struct HostInterface {
 pub trait InterfaceResolver: Send + std::fmt::Debug {
     /// IP → host-side interface of every endpoint-looking address the host knows.
     fn scan(&mut self) -> HashMap<Ipv4Addr, HostInterface>;
+
+    /// This machine's own IPv4 addresses (the `host` identity); none by default.
+    fn host_addresses(&mut self) -> std::collections::HashSet<Ipv4Addr> {
+        std::collections::HashSet::new()
+    }
 }
 
 /// The resolver of a real host: `/proc/net/route` first, then `/proc/net/arp`.
@@ -68,6 +73,10 @@ impl RouteResolver {
 }
 
 impl InterfaceResolver for RouteResolver {
+    fn host_addresses(&mut self) -> std::collections::HashSet<Ipv4Addr> {
+        super::reserved::parse_fib_trie_local(&self.file("fib_trie"))
+    }
+
     fn scan(&mut self) -> HashMap<Ipv4Addr, HostInterface> {
         let mut names: HashMap<Ipv4Addr, String> = HashMap::new();
         for (ip, dev) in parse_arp(&self.file("arp")) {

@@ -15,6 +15,7 @@ mod ebpf;
 pub mod iface;
 pub mod plan;
 mod recording;
+pub mod reserved;
 pub mod sync;
 
 use std::collections::HashMap;

@@ -103,6 +103,8 @@ pub struct SyncConfig {
     pub rescan_interval: Duration,
     /// Changes per `Datapath::apply` call. Default 4096.
     pub max_batch: usize,
+    /// This cluster's ID (the cluster of `host` ipcache entries). Default 0.
+    pub local_id: u16,
 }
 
 impl SyncConfig {
@@ -114,6 +116,7 @@ impl SyncConfig {
             initial_sync_timeout: Duration::from_secs(60),
             rescan_interval: Duration::from_secs(1),
             max_batch: 4096,
+            local_id: 0,
         }
     }
 }
@@ -387,6 +390,7 @@ impl SyncInputs {
             ipcache: h.ipcache.clone(),
             status: h.status.clone(),
             policy,
+            nodes: Some(h.nodes.clone()),
         }
     }
 }
@@ -402,6 +406,9 @@ pub struct SyncInputs {
     pub status: watch::Receiver<AgentStatus>,
     /// The policy engine's output; `None`: policy is not managed by this agent yet.
     pub policy: Option<watch::Receiver<Arc<PolicySnapshot>>>,
+    /// Nodes of every cluster (their addresses get the `host` / `remote-node`
+    /// identities); `None`: no node entries.
+    pub nodes: Option<watch::Receiver<Arc<crate::view::NodesSnapshot>>>,
 }
 
 /// Keeps a `Datapath` equal to the view (see the module doc).
@@ -419,6 +426,12 @@ pub struct Syncer {
     contrib: HashMap<view::ServiceKey, Vec<ServiceKey>>,
     /// Local endpoint candidates: IP → identity.
     local_ips: HashMap<Ipv4Addr, u32>,
+    /// ipcache entries of the view's endpoints (they win over node entries).
+    view_ipcache: HashMap<Ipv4Net, (u32, u16)>,
+    /// ipcache entries of node addresses (`host`, `remote-node`; see `reserved`).
+    node_ipcache: HashMap<Ipv4Net, (u32, u16)>,
+    seen_nodes: Arc<crate::view::NodesSnapshot>,
+    host_addresses: std::collections::HashSet<Ipv4Addr>,
     interfaces: HashMap<Ipv4Addr, HostInterface>,
     desired: MapState,
     applied: MapState,
@@ -462,6 +475,10 @@ impl Syncer {
             claims: HashMap::new(),
             contrib: HashMap::new(),
             local_ips: HashMap::new(),
+            view_ipcache: HashMap::new(),
+            node_ipcache: HashMap::new(),
+            seen_nodes: Arc::default(),
+            host_addresses: std::collections::HashSet::new(),
             interfaces: HashMap::new(),
             desired: MapState::default(),
             applied: MapState::default(),
@@ -555,8 +572,8 @@ impl Syncer {
             if let Some(e) = old.entries.get(&ip)
                 && let Ok(p) = Ipv4Net::new(v4, e.value.prefix_len)
             {
-                self.desired.ipcache.remove(&p);
-                self.dirty.ipcache.insert(p);
+                self.view_ipcache.remove(&p);
+                self.refresh_prefix(p);
             }
             self.local_ips.remove(&v4);
             if let Some(e) = new.entries.get(&ip) {
@@ -566,13 +583,55 @@ impl Syncer {
                 let identity = e.value.identity.get();
                 let cluster_id =
                     u16::try_from(e.value.identity.cluster_id(self.cfg.mode)).unwrap_or(0);
-                self.desired.ipcache.insert(prefix, (identity, cluster_id));
-                self.dirty.ipcache.insert(prefix);
+                self.view_ipcache.insert(prefix, (identity, cluster_id));
+                self.refresh_prefix(prefix);
                 if e.cluster == self.cfg.local && e.value.prefix_len == 32 {
                     self.local_ips.insert(v4, identity);
                 }
             }
             self.refresh_endpoint(v4);
+        }
+    }
+
+    /// The desired ipcache entry of `p`: the view's endpoint, else a node's reserved one.
+    fn refresh_prefix(&mut self, p: Ipv4Net) {
+        match self
+            .view_ipcache
+            .get(&p)
+            .or_else(|| self.node_ipcache.get(&p))
+        {
+            Some(v) => self.desired.ipcache.insert(p, *v),
+            None => self.desired.ipcache.remove(&p),
+        };
+        self.dirty.ipcache.insert(p);
+    }
+
+    /// Consumes a nodes snapshot: node addresses get `remote-node` (or `host`).
+    pub fn update_nodes(&mut self, new: Arc<crate::view::NodesSnapshot>) {
+        self.seen_nodes = new;
+        self.refresh_node_entries();
+    }
+
+    fn refresh_node_entries(&mut self) {
+        let now = super::reserved::node_entries(
+            &self.seen_nodes,
+            &self.host_addresses,
+            self.cfg.local_id,
+        );
+        let old = std::mem::replace(&mut self.node_ipcache, now);
+        let mut changed: Vec<Ipv4Net> = old
+            .iter()
+            .filter(|(p, v)| self.node_ipcache.get(*p) != Some(*v))
+            .map(|(p, _)| *p)
+            .collect();
+        changed.extend(
+            self.node_ipcache
+                .keys()
+                .filter(|p| !old.contains_key(*p))
+                .copied(),
+        );
+        for p in changed {
+            self.refresh_prefix(p);
         }
     }
 
@@ -607,6 +666,11 @@ impl Syncer {
     /// Re-reads where endpoint IPs live; endpoints that gained, lost or moved their
     /// interface are updated.
     pub fn rescan_interfaces(&mut self) {
+        let host = self.resolver.host_addresses();
+        if host != self.host_addresses {
+            self.host_addresses = host;
+            self.refresh_node_entries();
+        }
         let now = self.resolver.scan();
         let mut touched: Vec<Ipv4Addr> = Vec::new();
         for ip in self.local_ips.keys() {
@@ -966,6 +1030,10 @@ impl Syncer {
         }
         self.update_services(inputs.services.borrow_and_update().clone());
         self.update_ipcache(inputs.ipcache.borrow_and_update().clone());
+        if let Some(n) = &mut inputs.nodes {
+            let snap = n.borrow_and_update().clone();
+            self.update_nodes(snap);
+        }
         if let Some(p) = &mut inputs.policy {
             let snap = p.borrow_and_update().clone();
             self.update_policy(snap);
@@ -991,6 +1059,12 @@ impl Syncer {
                     None => std::future::pending().await,
                 }
             };
+            let nodes_changed = async {
+                match &mut inputs.nodes {
+                    Some(n) => n.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 r = inputs.services.changed() => {
@@ -1002,6 +1076,14 @@ impl Syncer {
                     if r.is_err() { break }
                     let s = inputs.ipcache.borrow_and_update().clone();
                     self.update_ipcache(s);
+                }
+                ok = nodes_changed => {
+                    if !ok {
+                        inputs.nodes = None;
+                    } else if let Some(n) = &mut inputs.nodes {
+                        let s = n.borrow_and_update().clone();
+                        self.update_nodes(s);
+                    }
                 }
                 ok = policy_changed => {
                     if ok {

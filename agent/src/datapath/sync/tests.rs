@@ -32,7 +32,10 @@ fn ident(cluster: u32, local: u32) -> Identity {
 }
 
 #[derive(Debug, Clone, Default)]
-struct FakeRoutes(Arc<Mutex<HashMap<Ipv4Addr, HostInterface>>>);
+struct FakeRoutes(
+    Arc<Mutex<HashMap<Ipv4Addr, HostInterface>>>,
+    Arc<Mutex<std::collections::HashSet<Ipv4Addr>>>,
+);
 
 impl FakeRoutes {
     fn set(&self, ip: Ipv4Addr, name: &str, ifindex: u32) {
@@ -52,6 +55,10 @@ impl FakeRoutes {
 impl InterfaceResolver for FakeRoutes {
     fn scan(&mut self) -> HashMap<Ipv4Addr, HostInterface> {
         self.0.lock().unwrap().clone()
+    }
+
+    fn host_addresses(&mut self) -> std::collections::HashSet<Ipv4Addr> {
+        self.1.lock().unwrap().clone()
     }
 }
 
@@ -233,6 +240,80 @@ fn writes_services_ipcache_and_endpoints_then_only_differences() {
     assert_eq!(s.flush().unwrap(), 2);
     assert!(s.datapath().attached_interfaces().is_empty());
     assert!(s.datapath().snapshot().unwrap().endpoints.is_empty());
+}
+
+fn nodes(list: &[(&str, u32, &str, Ipv4Addr)]) -> Arc<crate::view::NodesSnapshot> {
+    let mut snap = crate::view::NodesSnapshot::default();
+    for (cluster, id, name, ip) in list {
+        snap.entries.insert(
+            (cn(cluster), (*name).to_owned()),
+            Arc::new(meshd::model::Node {
+                name: (*name).to_owned(),
+                cluster: cn(cluster),
+                cluster_id: meshd::model::ClusterId::new(*id, M).unwrap(),
+                addresses: vec![meshd::model::NodeAddress {
+                    kind: meshd::model::NodeAddressType::InternalIP,
+                    ip: IpAddr::V4(*ip),
+                }],
+                pod_cidrs: vec![],
+            }),
+        );
+    }
+    snap.generation = 1;
+    Arc::new(snap)
+}
+
+#[test]
+fn node_addresses_get_host_and_remote_node_and_endpoints_win() {
+    let routes = FakeRoutes::default();
+    let mut s = syncer(RecordingDatapath::new(), &routes);
+    let host = Ipv4Addr::new(198, 18, 0, 1);
+    routes.1.lock().unwrap().insert(host);
+    s.rescan_interfaces();
+    s.update_nodes(nodes(&[
+        ("east", 1, "e1", host),
+        ("east", 1, "e2", Ipv4Addr::new(198, 18, 0, 9)),
+        ("west", 2, "w1", Ipv4Addr::new(198, 18, 0, 2)),
+    ]));
+    s.reconcile().unwrap();
+    let ipc = |s: &Syncer| MapState::from_snapshot(&s.datapath().snapshot().unwrap()).ipcache;
+    let get = |m: &HashMap<ipnet::Ipv4Net, (u32, u16)>, ip: &str| {
+        m.get(&format!("{ip}/32").parse().unwrap()).copied()
+    };
+    let m = ipc(&s);
+    assert_eq!(get(&m, "198.18.0.1"), Some((1, 0)), "this machine: host");
+    assert_eq!(
+        get(&m, "198.18.0.9"),
+        Some((6, 1)),
+        "another local node: remote-node"
+    );
+    assert_eq!(
+        get(&m, "198.18.0.2"),
+        Some((6, 2)),
+        "a peer's node: remote-node"
+    );
+
+    // An endpoint on a node address wins; when it goes, the node entry returns.
+    let pod = ident(2, 400);
+    s.update_ipcache(ipcache(&[("west", Ipv4Addr::new(198, 18, 0, 2), pod)]));
+    s.flush().unwrap();
+    assert_eq!(get(&ipc(&s), "198.18.0.2"), Some((pod.get(), 2)));
+    s.update_ipcache(ipcache(&[]));
+    s.flush().unwrap();
+    assert_eq!(get(&ipc(&s), "198.18.0.2"), Some((6, 2)));
+
+    // The peer's node goes away: its entry too; a host address that goes stops being host.
+    s.update_nodes(nodes(&[("east", 1, "e1", host)]));
+    routes.1.lock().unwrap().clear();
+    s.rescan_interfaces();
+    s.flush().unwrap();
+    let m = ipc(&s);
+    assert_eq!(get(&m, "198.18.0.2"), None);
+    assert_eq!(
+        get(&m, "198.18.0.1"),
+        Some((6, 1)),
+        "now just a node of this cluster"
+    );
 }
 
 #[test]
