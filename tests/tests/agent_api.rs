@@ -391,6 +391,8 @@ async fn mesh_agent_binary_becomes_ready_and_stops_on_sigterm() {
         .arg("--grpc-client-ca")
         .arg(d.join("api-ca.crt"))
         .args(["--health-listen", &format!("127.0.0.1:{health}")])
+        // No datapath on purpose: `auto` would fail closed without a bpffs.
+        .args(["--datapath", "recording"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()

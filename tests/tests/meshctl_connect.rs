@@ -234,7 +234,7 @@ fn connect_and_disconnect_three_clusters() {
     // user's connections); both sides drained the other.
     let refused = read_with(&rt, &old);
     assert!(
-        matches!(&refused, Err(e) if e.contains("user name not found") || e.contains("permission denied") || e.contains("authentication failed") || e.contains("transport error")),
+        matches!(&refused, Err(e) if e.contains("user name not found") || e.contains("permission denied") || e.contains("authentication failed") || e.contains("transport error") || e.contains("connection closed")),
         "revoked credential still reads: {refused:?}"
     );
     wait_backends(&dir, "east", &["east", "north"]);

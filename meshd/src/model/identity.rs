@@ -25,7 +25,7 @@ pub enum ReservedIdentity {
     Health = 4,
     /// Endpoints whose identity is not resolved yet.
     Init = 5,
-    /// Nodes of other clusters.
+    /// Nodes other than this one: the local cluster's other nodes and every peer's.
     RemoteNode = 6,
     /// The Kubernetes API server.
     KubeApiserver = 7,

@@ -74,7 +74,7 @@ pub enum Entity {
     World,
     /// The local host (reserved identity `host`).
     Host,
-    /// Nodes of other clusters (reserved identity `remote-node`).
+    /// Nodes other than this one, of any cluster (reserved identity `remote-node`).
     RemoteNode,
     /// Every endpoint of the local cluster, plus the local host and the local reserved
     /// identities `unmanaged`, `health`, `init`, `kube-apiserver`.
