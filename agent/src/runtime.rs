@@ -187,6 +187,8 @@ impl Agent {
             buf: Vec::new(),
         };
         let (trust_tx, trust_rx) = watch::channel(Vec::<PeerTrust>::new());
+        // Peers the guard needs relisted (rare: an address range changed hands twice).
+        let (relist_tx, mut relist_rx) = mpsc::unbounded_channel::<meshd::model::ClusterName>();
         let (status_tx, status) = watch::channel(AgentStatus::default());
         let handles = ViewHandles {
             services: view.view.subscribe_services(),
@@ -229,6 +231,7 @@ impl Agent {
                             Some(ev) => manager.handle(ev).await,
                             None => break,
                         },
+                        Some(peer) = relist_rx.recv() => manager.relist(&peer).await,
                         _ = tick.tick() => {}
                     }
                     let local_status = local.status();
@@ -332,6 +335,9 @@ impl Agent {
                         batch += 1;
                     }
                     view.settle();
+                    for peer in view.guard.take_relists() {
+                        let _ = relist_tx.send(peer);
+                    }
                     if !view.has_unpublished() || publish_at.is_some() {
                         continue;
                     }

@@ -470,6 +470,8 @@ pub async fn run_with_peers(
         Box::new(|cred| meshd::remote::ClusterSource::Direct(cred.to_etcd_config())),
     );
     let (trust_tx, trust_rx) = tokio::sync::watch::channel(Vec::new());
+    // Peers the guard needs relisted (rare: an address range changed hands twice).
+    let (relist_tx, mut relist_rx) = mpsc::unbounded_channel::<ClusterName>();
     // The writer owns the cache; every event passes the peer guard first, and only
     // peers' events reach the cache. Heartbeats reach it through the event channel's order.
     let writer_task = tokio::spawn(async move {
@@ -493,6 +495,9 @@ pub async fn run_with_peers(
                         if *ev.cluster() != local_name {
                             writer.apply(ev);
                         }
+                    }
+                    for peer in guard.take_relists() {
+                        let _ = relist_tx.send(peer);
                     }
                     let status = guard.status();
                     trust_tx.send_if_modified(|s| {
@@ -523,6 +528,7 @@ pub async fn run_with_peers(
                 Some(ev) => manager.handle(ev).await,
                 None => break,
             },
+            Some(peer) = relist_rx.recv() => manager.relist(&peer).await,
             _ = tick.tick() => {
                 let mut st = manager.statuses();
                 {

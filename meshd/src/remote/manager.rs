@@ -129,6 +129,25 @@ impl PeerManager {
         }
     }
 
+    /// Restarts `name`'s supervisor, keeping its data: it reconnects and relists, and
+    /// consumers replace that peer's entries wholesale (the peer guard asks for this when
+    /// it needs entries back that it does not keep).
+    pub async fn relist(&mut self, name: &ClusterName) {
+        let Some(old) = self.peers.remove(name) else {
+            return;
+        };
+        tracing::info!(peer = %name, "relisting the peer");
+        old.cluster.stop_keep_data().await;
+        let cluster = self.spawn(&old.credential);
+        self.peers.insert(
+            name.clone(),
+            Peer {
+                credential: old.credential,
+                cluster,
+            },
+        );
+    }
+
     /// Whether the initial set of credentials was read.
     pub fn synced(&self) -> bool {
         self.synced

@@ -24,9 +24,15 @@ enum Verdict {
     Refused(Refusal),
 }
 
+/// A peer ipcache entry. Its value is kept only while consumers do not have it (pending
+/// or refused); an admitted entry's value went downstream, so the guard keeps just what
+/// judging needs. An entry withdrawn after admission has no value: if its address is
+/// granted to the peer again, the guard asks for a relist of the peer
+/// ([`PeerGuard::take_relists`]).
 #[derive(Debug)]
-struct Slot<T> {
-    value: T,
+struct IpSlot {
+    value: Option<IpCacheEntry>,
+    prefix_len: u8,
     bytes: u32,
     stamp: u64,
     verdict: Verdict,
@@ -69,7 +75,7 @@ struct Guarded {
     /// `InitDone`s held back until the cluster's ranges are known.
     held: Vec<StateKind>,
     identities: HashMap<Identity, (u32, u64)>,
-    ips: HashMap<IpAddr, Slot<IpCacheEntry>>,
+    ips: HashMap<IpAddr, IpSlot>,
     services: HashMap<(String, String), ServiceSlot>,
     /// Entries waiting for ranges (IPs and services).
     pending: usize,
@@ -170,6 +176,8 @@ pub struct PeerGuard {
     /// see [`Self::seed_granted`]).
     first_seen: HashMap<(ClusterName, IpNet), u64>,
     settles: u64,
+    /// Peers to relist (entries withdrawn earlier became admissible again).
+    relists: BTreeSet<ClusterName>,
     metrics: TrustMetrics,
 }
 
@@ -186,8 +194,17 @@ impl PeerGuard {
             ranges_dirty: false,
             first_seen: HashMap::new(),
             settles: 0,
+            relists: BTreeSet::new(),
             metrics,
         }
+    }
+
+    /// Peers the owner should relist (restart their supervisor): an address that was
+    /// withdrawn from them (its range went to another cluster) is theirs again, and the
+    /// guard, which keeps no copy of admitted entries, needs the entries back. Rare: a
+    /// range must change hands twice.
+    pub fn take_relists(&mut self) -> Vec<ClusterName> {
+        std::mem::take(&mut self.relists).into_iter().collect()
     }
 
     /// Marks the ranges of `nodes` as granted before this guard started (kvstoremesh
@@ -272,6 +289,7 @@ impl PeerGuard {
                 if self.clusters.remove(&cluster).is_some() {
                     self.ranges_dirty = true;
                 }
+                self.relists.remove(&cluster);
                 self.metrics.degraded.remove(&crate::metrics::ClusterLabel {
                     cluster: cluster.to_string(),
                 });
@@ -463,7 +481,7 @@ impl PeerGuard {
                 });
             }
             StateValue::Ip(e) => {
-                let verdict = self.ip_verdict(&cluster, &e);
+                let verdict = self.ip_verdict(&cluster, e.ip, e.prefix_len);
                 let st = state(&mut self.clusters, &cluster);
                 let was = st.ips.get(&e.ip).map(|s| s.verdict);
                 if was == Some(Verdict::Pending) {
@@ -472,12 +490,18 @@ impl PeerGuard {
                 if verdict == Verdict::Pending {
                     st.pending += 1;
                 }
-                let ip = e.ip;
-                let emit = (verdict == Verdict::Admitted).then(|| e.clone());
+                let (ip, prefix_len) = (e.ip, e.prefix_len);
+                // Admitted: the value goes downstream (moved, not copied).
+                let (kept, emit) = if verdict == Verdict::Admitted {
+                    (None, Some(e))
+                } else {
+                    (Some(e), None)
+                };
                 st.ips.insert(
                     ip,
-                    Slot {
-                        value: e,
+                    IpSlot {
+                        value: kept,
+                        prefix_len,
                         bytes,
                         stamp,
                         verdict,
@@ -583,9 +607,9 @@ impl PeerGuard {
         !self.ranges_dirty && self.ranges_ready(cluster)
     }
 
-    fn ip_verdict(&self, cluster: &ClusterName, e: &IpCacheEntry) -> Verdict {
+    fn ip_verdict(&self, cluster: &ClusterName, ip: IpAddr, prefix_len: u8) -> Verdict {
         if self.can_judge(cluster) {
-            judge_ip(&self.ownership, &self.local, cluster, e)
+            judge_ip(&self.ownership, &self.local, cluster, ip, prefix_len)
         } else {
             Verdict::Pending
         }
@@ -825,16 +849,30 @@ impl PeerGuard {
             return;
         };
         let mut ip_changes = Vec::new();
+        let mut relist = false;
         for (ip, slot) in &mut st.ips {
-            let now = judge_ip(&self.ownership, &self.local, cluster, &slot.value);
-            if now != slot.verdict {
-                let value = (now == Verdict::Admitted).then(|| slot.value.clone());
-                ip_changes.push((*ip, slot.verdict, now, value));
-                if slot.verdict == Verdict::Pending {
-                    st.pending -= 1;
-                }
-                slot.verdict = now;
+            let now = judge_ip(&self.ownership, &self.local, cluster, *ip, slot.prefix_len);
+            if now == slot.verdict {
+                continue;
             }
+            if now == Verdict::Admitted && slot.value.is_none() {
+                // Withdrawn earlier and its value is gone: only a relist brings it back.
+                relist = true;
+                continue;
+            }
+            let value = if now == Verdict::Admitted {
+                slot.value.take()
+            } else {
+                None
+            };
+            ip_changes.push((*ip, slot.verdict, now, value));
+            if slot.verdict == Verdict::Pending {
+                st.pending -= 1;
+            }
+            slot.verdict = now;
+        }
+        if relist {
+            self.relists.insert(cluster.clone());
         }
         let mut svc_changes = Vec::new();
         for ((ns, name), slot) in &mut st.services {
@@ -921,13 +959,14 @@ fn judge_ip(
     own: &Ownership,
     local: &ClusterName,
     cluster: &ClusterName,
-    e: &IpCacheEntry,
+    ip: IpAddr,
+    prefix_len: u8,
 ) -> Verdict {
-    let host = if e.ip.is_ipv4() { 32 } else { 128 };
-    if e.prefix_len != host {
+    let host = if ip.is_ipv4() { 32 } else { 128 };
+    if prefix_len != host {
         return Verdict::Refused(Refusal::PrefixNotHost);
     }
-    match address_check(own, local, cluster, e.ip) {
+    match address_check(own, local, cluster, ip) {
         Ok(()) => Verdict::Admitted,
         Err(r) => Verdict::Refused(r),
     }

@@ -28,9 +28,14 @@
 //! that kind until a complete list fits again; what was admitted stays.
 //!
 //! Every refusal is counted by (peer, kind, reason) in [`crate::metrics::TrustMetrics`]
-//! and logged once per key (quota refusals once as the peer becomes degraded). The guard
-//! keeps every peer entry it holds (admitted ones too: a range change can withdraw and
-//! later restore them), so its memory is about one copy of the peers' exported state.
+//! and logged once per key (quota refusals once as the peer becomes degraded).
+//!
+//! Memory: an admitted ipcache entry's value is moved downstream, not copied; the guard
+//! keeps its address, prefix length, size and stamp only (values of pending and refused
+//! entries, services and nodes are kept whole). An entry withdrawn because its range went
+//! to another cluster therefore cannot be restored from the guard: when its address is
+//! granted back, [`PeerGuard::take_relists`] names the peer, and the owner restarts that
+//! peer's supervisor (a relist; consumers replace its entries wholesale).
 
 mod guard;
 pub mod ranges;

@@ -410,10 +410,11 @@ fn claims_seen_together_go_to_the_lower_id_and_seeded_ones_are_kept() {
 }
 
 #[test]
-fn a_local_node_taking_a_range_withdraws_the_peer_entries_until_it_goes() {
+fn a_local_node_taking_a_range_withdraws_the_peer_entries_until_a_relist() {
     let (mut g, _) = guard(PeerLimits::default());
     let out = list_west(&mut g, &[("198.18.2.10", 32)]);
     assert_eq!(applied_ips(&out), vec![a("198.18.2.10")]);
+    assert!(g.take_relists().is_empty());
     let out = feed(
         &mut g,
         [node("east", "e2", &["198.18.2.0/24"], "198.18.0.9")],
@@ -428,6 +429,18 @@ fn a_local_node_taking_a_range_withdraws_the_peer_entries_until_it_goes() {
                 name: "e2".into(),
             },
         }],
+    );
+    // The guard kept no copy of the admitted entry: it asks for west to be relisted.
+    assert!(applied_ips(&out).is_empty());
+    assert_eq!(g.take_relists(), vec![name("west")]);
+    assert!(g.take_relists().is_empty(), "asked once");
+    let out = feed(
+        &mut g,
+        [
+            init("west", StateKind::Ip),
+            ip("west", "198.18.2.10", 32),
+            done("west", StateKind::Ip),
+        ],
     );
     assert_eq!(applied_ips(&out), vec![a("198.18.2.10")]);
 }
@@ -740,13 +753,31 @@ mod incremental {
             let mut consumer = Consumer::default();
             let mut src = Source::default();
             let mut out = Vec::new();
-            let mut emit = |g: &mut PeerGuard, evs: Vec<ClusterEvent>, consumer: &mut Consumer| {
-                for ev in evs {
-                    g.apply(ev, &mut out);
-                }
-                g.settle(&mut out);
-                for ev in out.drain(..) {
-                    consumer.apply(&ev);
+            let mut emit = |g: &mut PeerGuard, evs: Vec<ClusterEvent>, consumer: &mut Consumer, src: &Source| {
+                let mut evs = evs;
+                // A relist the guard asks for is what a restarted supervisor sends.
+                for _ in 0..3 {
+                    for ev in evs {
+                        g.apply(ev, &mut out);
+                    }
+                    g.settle(&mut out);
+                    for ev in out.drain(..) {
+                        consumer.apply(&ev);
+                    }
+                    evs = Vec::new();
+                    for c in g.take_relists() {
+                        let ci = CLUSTERS.iter().position(|x| *x == c.as_str()).unwrap();
+                        evs.push(init(CLUSTERS[ci], StateKind::Ip));
+                        for (cc, i) in &src.ips {
+                            if *cc == ci {
+                                evs.push(ip(CLUSTERS[ci], IPS[*i], 32));
+                            }
+                        }
+                        evs.push(done(CLUSTERS[ci], StateKind::Ip));
+                    }
+                    if evs.is_empty() {
+                        break;
+                    }
                 }
             };
             // Every cluster starts listed with nothing.
@@ -757,7 +788,7 @@ mod incremental {
                     evs.push(init(cl, kind));
                     evs.push(done(cl, kind));
                 }
-                emit(&mut g, evs, &mut consumer);
+                emit(&mut g, evs, &mut consumer, &src);
             }
             for op in ops {
                 let evs = match op {
@@ -801,7 +832,7 @@ mod incremental {
                         evs
                     }
                 };
-                emit(&mut g, evs, &mut consumer);
+                emit(&mut g, evs, &mut consumer, &src);
             }
             // From scratch: each peer IP still exported, judged against the ownership the
             // guard settled on (its rules are the unit tests' business).
