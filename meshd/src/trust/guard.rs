@@ -31,7 +31,8 @@ enum Verdict {
 /// ([`PeerGuard::take_relists`]).
 #[derive(Debug)]
 struct IpSlot {
-    value: Option<IpCacheEntry>,
+    /// Boxed: an admitted entry costs a pointer, not an inline entry.
+    value: Option<Box<IpCacheEntry>>,
     prefix_len: u8,
     bytes: u32,
     stamp: u64,
@@ -495,7 +496,7 @@ impl PeerGuard {
                 let (kept, emit) = if verdict == Verdict::Admitted {
                     (None, Some(e))
                 } else {
-                    (Some(e), None)
+                    (Some(Box::new(e)), None)
                 };
                 st.ips.insert(
                     ip,
@@ -861,7 +862,7 @@ impl PeerGuard {
                 continue;
             }
             let value = if now == Verdict::Admitted {
-                slot.value.take()
+                slot.value.take().map(|b| *b)
             } else {
                 None
             };
