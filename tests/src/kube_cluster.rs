@@ -1,6 +1,9 @@
 //! `KubeCluster`: one cluster in Kubernetes mode — its own test API server, real etcd, the
-//! exporter on the Kubernetes source, kvstoremesh and an agent reading peer Secrets — and
-//! `connect_by_context`, the steps `meshctl connect --context` takes, through `meshd::kube`.
+//! exporter on the Kubernetes source, kvstoremesh and an agent reading peer Secrets, and
+//! optionally ([`KubeCluster::start_with_relay`]) the apiserver's identity relay in front of
+//! etcd, installed as the Helm chart does (Secret `meshd-peer-ca`, Service port `relay`) —
+//! and `connect_by_context`, the steps `meshctl connect --context` takes, through
+//! `meshd::kube`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -10,6 +13,7 @@ use std::time::Duration;
 use clustermesh_apiserver::bootstrap;
 use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::kvstoremesh::{self, KvStoreMeshConfig};
+use clustermesh_apiserver::relay::{self, Relay, RelayConfig, RelayMetrics};
 use clustermesh_apiserver::source::kube::{KubeSource, KubeSourceConfig};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
 use kube::api::{Api, PostParams};
@@ -53,6 +57,8 @@ pub struct KubeCluster {
     pub kvstoremesh_status: watch::Receiver<Vec<PeerStatus>>,
     /// The agent (peers from Secrets, read through the kvstoremesh cache).
     pub agent: Agent,
+    /// The identity relay peers dial (with [`KubeCluster::start_with_relay`]).
+    pub relay: Option<RunningRelay>,
     shutdown: CancellationToken,
     kvstoremesh: Option<tokio::task::JoinHandle<()>>,
 }
@@ -61,17 +67,47 @@ impl KubeCluster {
     /// Starts the API server (with what the Helm chart installs: namespace `meshd`,
     /// ConfigMap `meshd-config`, Secret `meshd-ca`, NodePort Service
     /// `clustermesh-apiserver` on a node at 127.0.0.1), etcd, the exporter, kvstoremesh and
-    /// an agent.
+    /// an agent. No relay: what installs before the relay have (peers dial etcd).
     pub async fn start(name: &str, id: u32) -> anyhow::Result<Self> {
+        Box::pin(Self::start_inner(name, id, false)).await
+    }
+
+    /// [`KubeCluster::start`] with the identity relay, as the Helm chart installs it
+    /// (`relay.enabled`): etcd trusts its CA and a relay CA (never the peer CA), the relay
+    /// runs in-process in front of etcd (peer CA as its client CA, a server certificate of
+    /// the peer CA for localhost), Secret `meshd-peer-ca` holds the peer CA and Service
+    /// `clustermesh-apiserver` has a `relay` port whose node port is the relay's.
+    pub async fn start_with_relay(name: &str, id: u32) -> anyhow::Result<Self> {
+        Box::pin(Self::start_inner(name, id, true)).await
+    }
+
+    async fn start_inner(name: &str, id: u32, with_relay: bool) -> anyhow::Result<Self> {
         let name = ClusterName::new(name)?;
         let id = ClusterId::new(id, MaxConnectedClusters::C255)?;
         let api = KubeApiServer::start().await?;
         let client = api.client().await?;
-        let etcd = Box::pin(EtcdGuard::start()).await?;
+        let shutdown = CancellationToken::new();
+        let relay_ca = if with_relay {
+            Some(CertificateAuthority::generate(
+                &format!("meshd-{name}-relay-ca"),
+                Duration::from_secs(86_400),
+            )?)
+        } else {
+            None
+        };
+        let extra: Vec<&str> = relay_ca
+            .iter()
+            .map(CertificateAuthority::cert_pem)
+            .collect();
+        let etcd = Box::pin(EtcdGuard::start_trusting(&extra)).await?;
         let root = etcd.root_store().await?;
         Box::pin(bootstrap::bootstrap(&root.client(), &name)).await?;
         let store: Arc<dyn KvStore> = Arc::new(root);
-        install(&client, &name, id, &etcd).await?;
+        let relay = match relay_ca {
+            Some(relay_ca) => Some(RunningRelay::start(&name, &etcd, relay_ca, &shutdown).await?),
+            None => None,
+        };
+        install(&client, &name, id, &etcd, relay.as_ref()).await?;
 
         let mut cfg = ExportConfig::new(name.clone(), id, MaxConnectedClusters::C255);
         cfg.heartbeat_interval = Duration::from_secs(1);
@@ -79,7 +115,6 @@ impl KubeCluster {
         let mut exporter = RunningExporter::start(store.clone(), cfg, Box::new(source));
         Box::pin(exporter.wait_ready(Duration::from_secs(60))).await?;
 
-        let shutdown = CancellationToken::new();
         let (tx, kvstoremesh_status) = watch::channel(Vec::new());
         let kcfg = KvStoreMeshConfig {
             supervisor: supervisor_config(&name, id),
@@ -132,8 +167,72 @@ impl KubeCluster {
             exporter,
             kvstoremesh_status,
             agent,
+            relay,
             shutdown,
             kvstoremesh: Some(kvstoremesh),
+        })
+    }
+}
+
+/// The apiserver's identity relay, run in-process in front of a test etcd.
+pub struct RunningRelay {
+    /// `https://127.0.0.1:<port>`: what peers dial.
+    pub endpoint: String,
+    /// The port (the Service's `relay` node port).
+    pub port: u16,
+    /// The peer CA: signs peer credentials and the relay's server certificate; etcd does not
+    /// trust it.
+    pub peer_ca: CertificateAuthority,
+    /// The relay (live connections per peer user).
+    pub relay: Relay,
+    /// Its metrics.
+    pub metrics: RelayMetrics,
+}
+
+impl std::fmt::Debug for RunningRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningRelay")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningRelay {
+    async fn start(
+        name: &ClusterName,
+        etcd: &EtcdGuard,
+        relay_ca: CertificateAuthority,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let peer_ca = CertificateAuthority::generate(
+            &format!("meshd-{name}-peer-ca"),
+            Duration::from_secs(86_400),
+        )?;
+        let server = peer_ca.issue(&CertRequest::server(
+            "clustermesh-relay",
+            &["localhost"],
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        ))?;
+        let identity = mesh_certs::static_identity(&server.cert_pem, &server.key_pem)?;
+        let cfg = RelayConfig {
+            upstream: relay::parse_upstream(&etcd.endpoint())?,
+            upstream_server_name: Some("localhost".into()),
+            upstream_ca_pem: etcd.ca().cert_pem().to_owned(),
+            server_tls: relay::server_tls(identity, peer_ca.cert_pem())?,
+            relay_ca,
+            check_interval: relay::DEFAULT_CHECK_INTERVAL,
+        };
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let port = listener.local_addr()?.port();
+        let metrics = RelayMetrics::default();
+        let relay = Relay::new(cfg, metrics.clone())?;
+        tokio::spawn(relay.clone().run(listener, shutdown.child_token()));
+        Ok(Self {
+            endpoint: format!("https://127.0.0.1:{port}"),
+            port,
+            peer_ca,
+            relay,
+            metrics,
         })
     }
 }
@@ -144,6 +243,7 @@ async fn install(
     name: &ClusterName,
     id: ClusterId,
     etcd: &EtcdGuard,
+    relay: Option<&RunningRelay>,
 ) -> anyhow::Result<()> {
     let pp = PostParams::default();
     Api::<Namespace>::all(client.clone())
@@ -174,10 +274,24 @@ async fn install(
         .next()
         .and_then(|p| p.parse().ok())
         .unwrap_or_default();
+    let mut ports =
+        vec![json!({"name": "etcd", "port": 2379, "targetPort": "etcd", "nodePort": port})];
+    if let Some(r) = relay {
+        ports.push(
+            json!({"name": "relay", "port": 2381, "targetPort": "relay", "nodePort": r.port}),
+        );
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": meshd::kube::PEER_CA_SECRET},
+            "data": {"ca.crt": b64(r.peer_ca.cert_pem()), "ca.key": b64(r.peer_ca.key_pem())},
+        }))?;
+        Api::<Secret>::namespaced(client.clone(), MESHD_NAMESPACE)
+            .create(&pp, &secret)
+            .await?;
+    }
     let svc: Service = serde_json::from_value(json!({
         "metadata": {"name": meshd::kube::APISERVER_SERVICE},
         "spec": {"type": "NodePort", "selector": {"app": "clustermesh-apiserver"},
-                 "ports": [{"name": "etcd", "port": 2379, "targetPort": 2379, "nodePort": port}]},
+                 "ports": ports},
     }))?;
     Api::<Service>::namespaced(client.clone(), MESHD_NAMESPACE)
         .create(&pp, &svc)
@@ -227,7 +341,8 @@ fn b64(s: &str) -> String {
 /// The credential with which `reader` reads `of`, made the way `meshctl connect --context`
 /// does it, through `of`'s Kubernetes API only: cluster config, CA and clustermesh
 /// endpoint from `meshd::kube`; etcd reached at that endpoint as `root` with a certificate
-/// from that CA; user `remote-<reader>` created; a client certificate for it issued.
+/// from that CA; user `remote-<reader>` created; a client certificate for it issued (by the
+/// peer CA, for the relay, when `of` runs one).
 pub async fn credential_by_context(
     of: &kube::Client,
     reader: &ClusterName,
@@ -256,7 +371,21 @@ pub async fn credential_by_context(
     })
     .await?;
     bootstrap::add_remote_user(&etcd.client(), reader).await?;
-    let cert = ca.issue(
+    // With the identity relay, the peer CA signs the credential and the relay is its server.
+    let peer = match (
+        meshd::kube::read_peer_ca(of, MESHD_NAMESPACE).await?,
+        endpoint.relay_url(),
+    ) {
+        (Some((cert, key)), Some(relay)) => {
+            Some((CertificateAuthority::from_pem(&cert, &key)?, relay))
+        }
+        _ => None,
+    };
+    let (issuer, server, server_ca) = match &peer {
+        Some((peer_ca, relay)) => (peer_ca, relay.clone(), peer_ca.cert_pem().to_owned()),
+        None => (&ca, endpoint.url(), ca_pem),
+    };
+    let cert = issuer.issue(
         &CertRequest::client(&bootstrap::remote_user(reader))
             .with_role(config.name.as_str(), Role::Peer),
     )?;
@@ -264,8 +393,8 @@ pub async fn credential_by_context(
         name: config.name,
         cluster_id: config.id,
         max_connected_clusters: config.max_connected_clusters,
-        server: endpoint.url(),
-        ca_pem,
+        server,
+        ca_pem: server_ca,
         cert_pem: cert.cert_pem,
         key_pem: cert.key_pem,
         tls_server_name,

@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -394,6 +395,213 @@ fn kube_helm_chart_value_variants() {
     let port = &r.services[0].spec.clone().unwrap().ports.unwrap()[0];
     assert_eq!(port.node_port, Some(32379));
     assert!(r.objects > 10);
+}
+
+/// The volumes of `pod` that `container` mounts, with the Secret and keys each gives it.
+fn secret_keys_of(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    container: &Container,
+) -> Vec<(String, String)> {
+    let volumes = pod.volumes.clone().unwrap_or_default();
+    let mut out = Vec::new();
+    for m in container.volume_mounts.clone().unwrap_or_default() {
+        let Some(secret) = volumes
+            .iter()
+            .find(|v| v.name == m.name)
+            .and_then(|v| v.secret.clone())
+        else {
+            continue;
+        };
+        let name = secret.secret_name.clone().unwrap_or_default();
+        match secret.items {
+            Some(items) => out.extend(items.into_iter().map(|i| (name.clone(), i.key))),
+            None => out.push((name, "*".to_owned())),
+        }
+    }
+    out
+}
+
+fn arg<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .find_map(|a| a.strip_prefix(flag).and_then(|v| v.strip_prefix('=')))
+}
+
+/// The identity relay (relay.enabled, the default): the apiserver runs it with the peer CA as
+/// its only client CA and the relay CA from a Secret only it mounts; etcd trusts the bundle
+/// (cluster CA + relay CA) and never sees a key of the relay Secret; the Service's `relay`
+/// port targets the relay while `etcd` (agents, meshctl's root access) targets etcd.
+#[test]
+fn kube_helm_chart_wires_the_identity_relay() {
+    let r = render_chart(&json!({"cluster": {"name": "east", "id": 3},
+                                 "service": {"nodePort": 32379, "relayNodePort": 32381}}));
+    let pod = r.deployments[0]
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let etcd = pod.init_containers.clone().unwrap()[0].clone();
+    let apiserver = pod.containers[0].clone();
+    let (etcd_args, args) = (etcd.args.clone().unwrap(), apiserver.args.clone().unwrap());
+
+    // Relay flags: listening on the container port the Service targets; the peer CA is its
+    // client CA; the relay CA mints etcd certificates; upstream is the loopback etcd.
+    let relay_port = apiserver
+        .ports
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name.as_deref() == Some("relay"))
+        .expect("apiserver container port relay")
+        .container_port;
+    assert_eq!(
+        arg(&args, "--relay-listen"),
+        Some(format!("0.0.0.0:{relay_port}").as_str())
+    );
+    for (flag, file) in [
+        ("--relay-cert", "relay.crt"),
+        ("--relay-key", "relay.key"),
+        ("--relay-client-ca", "peer-ca.crt"),
+        ("--relay-ca-cert", "relay-ca.crt"),
+        ("--relay-ca-key", "relay-ca.key"),
+    ] {
+        assert_eq!(
+            arg(&args, flag),
+            Some(format!("/var/lib/meshd/relay/{file}").as_str()),
+            "{flag} in {args:?}"
+        );
+    }
+    assert_eq!(arg(&args, "--relay-check-interval"), Some("1s"));
+    assert_eq!(
+        arg(&args, "--etcd-endpoint"),
+        Some("https://127.0.0.1:2379")
+    );
+
+    // etcd trusts the bundle from the relay Secret, and nothing else of it.
+    assert_eq!(
+        arg(&etcd_args, "--trusted-ca-file"),
+        Some("/var/lib/meshd/etcd-client-ca/etcd-client-ca.crt")
+    );
+    let etcd_keys = secret_keys_of(&pod, &etcd);
+    assert!(
+        etcd_keys.contains(&("meshd-relay".to_owned(), "etcd-client-ca.crt".to_owned())),
+        "{etcd_keys:?}"
+    );
+    let etcd_relay_keys: Vec<&String> = etcd_keys
+        .iter()
+        .filter(|(s, _)| s == "meshd-relay")
+        .map(|(_, k)| k)
+        .collect();
+    assert_eq!(
+        etcd_relay_keys,
+        ["etcd-client-ca.crt"],
+        "etcd sees only the bundle"
+    );
+
+    // The relay CA key (and the relay's own key) only in the apiserver container; the peer
+    // CA Secret (with its key) mounted nowhere.
+    let api_keys = secret_keys_of(&pod, &apiserver);
+    for key in [
+        "relay.crt",
+        "relay.key",
+        "peer-ca.crt",
+        "relay-ca.crt",
+        "relay-ca.key",
+    ] {
+        assert!(
+            api_keys.contains(&("meshd-relay".to_owned(), key.to_owned())),
+            "{key} in {api_keys:?}"
+        );
+    }
+    let agent = r.daemonsets[0].spec.clone().unwrap().template.spec.unwrap();
+    let mut everyone = vec![(pod.clone(), etcd.clone())];
+    everyone.extend(agent.containers.iter().map(|c| (agent.clone(), c.clone())));
+    for (p, c) in &everyone {
+        let keys = secret_keys_of(p, c);
+        assert!(
+            !keys
+                .iter()
+                .any(|(s, k)| s == "meshd-relay" && (k.ends_with(".key") || k == "*")),
+            "{} must not mount a key of the relay Secret: {keys:?}",
+            c.name
+        );
+    }
+    everyone.push((pod, apiserver));
+    for (p, c) in &everyone {
+        assert!(
+            !secret_keys_of(p, c)
+                .iter()
+                .any(|(s, _)| s == "meshd-peer-ca"),
+            "{} must not mount the peer CA",
+            c.name
+        );
+    }
+
+    // Service: `relay` targets the relay (peers), `etcd` targets etcd (agents, meshctl root).
+    let ports = r.services[0].spec.clone().unwrap().ports.unwrap();
+    let port = |name: &str| {
+        ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("Service port {name}"))
+            .clone()
+    };
+    let relay = port(meshd::kube::RELAY_PORT_NAME);
+    assert_eq!(relay.target_port, Some(IntOrString::String("relay".into())));
+    assert_eq!(relay.node_port, Some(32381));
+    let etcd_port = port(meshd::kube::ETCD_PORT_NAME);
+    assert_eq!(
+        etcd_port.target_port,
+        Some(IntOrString::String("etcd".into()))
+    );
+    assert_eq!(etcd_port.node_port, Some(32379));
+    assert!(
+        etcd.ports
+            .unwrap()
+            .iter()
+            .any(|p| p.name.as_deref() == Some("etcd") && p.container_port == 2379)
+    );
+    // The agents reach etcd through the etcd port, in-cluster.
+    let agent_args = agent.containers[0].args.clone().unwrap();
+    assert_eq!(
+        arg(&agent_args, "--etcd-endpoint"),
+        Some("https://clustermesh-apiserver.meshd.svc:2379")
+    );
+
+    // relay.enabled false: what installs before the relay had.
+    let r = render_chart(&json!({"cluster": {"name": "east"}, "relay": {"enabled": false}}));
+    let pod = r.deployments[0]
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let args = pod.containers[0].args.clone().unwrap();
+    assert!(!args.iter().any(|a| a.starts_with("--relay")), "{args:?}");
+    let etcd_args = pod.init_containers.unwrap()[0].args.clone().unwrap();
+    assert_eq!(
+        arg(&etcd_args, "--trusted-ca-file"),
+        Some("/var/lib/meshd/ca/ca.crt")
+    );
+    let names: Vec<String> = r.services[0]
+        .spec
+        .clone()
+        .unwrap()
+        .ports
+        .unwrap()
+        .into_iter()
+        .filter_map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["etcd"]);
+    assert!(
+        !pod.volumes.unwrap().iter().any(|v| v
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref())
+            == Some("meshd-relay"))
+    );
 }
 
 #[test]

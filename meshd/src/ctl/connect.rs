@@ -12,6 +12,11 @@
 //!                B's peer CA; B's etcd without `peerEndpoint`)
 //!                (a failure undoes what was done, in reverse) ─► --wait: both agents
 //!                report each other ready
+//!  --context A --destination-context B (Kubernetes): the same, reading each cluster's
+//!                ConfigMap meshd-config, Secret meshd-ca, Service clustermesh-apiserver
+//!                (root through its `etcd` port) and, when it runs the relay, Secret
+//!                meshd-peer-ca + the Service's `relay` port (peers get those); peer
+//!                files are Secrets meshd-peer-<remote>
 //!  disconnect    remove both peer files (apiservers and agents drain the peer), revoke
 //!                both users (each relay cuts the revoked user's open connections within
 //!                about a second) ─► --wait: neither agent lists the other
@@ -69,8 +74,9 @@ pub struct PairArgs {
     /// Kubernetes mode: the namespace meshd is installed in.
     #[arg(long, default_value = "meshd")]
     pub namespace: String,
-    /// Kubernetes mode: the name to verify the clustermesh etcd's certificate against
-    /// (default `clustermesh-apiserver.<namespace>.svc`, the chart's certificate).
+    /// Kubernetes mode: the name to verify the clustermesh etcd's certificate (and the
+    /// identity relay's) against (default `clustermesh-apiserver.<namespace>.svc`, the
+    /// chart's certificates).
     #[arg(long)]
     pub tls_server_name: Option<String>,
 
@@ -236,8 +242,9 @@ pub(super) async fn open(admin: &ClusterAdmin) -> Result<Side, CtlError> {
 }
 
 /// Kubernetes mode: reads a cluster's meshd installation through its API (`context` of one of
-/// `files`): config, CA, the clustermesh endpoint; then reaches its etcd as `root` with a
-/// short-lived certificate from that CA.
+/// `files`): config, CA, the clustermesh endpoint, and the peer CA and relay port when the
+/// apiserver runs the identity relay; then reaches its etcd (the Service's `etcd` port) as
+/// `root` with a short-lived certificate from that CA.
 async fn open_kube(
     files: &[PathBuf],
     context: &str,
@@ -285,6 +292,10 @@ async fn open_kube(
         context: format!("the CA of context {context} (Secret {namespace}/meshd-ca)"),
         source,
     })?;
+    let peer_ca = crate::kube::read_peer_ca(&client, namespace)
+        .await
+        .map_err(|e| kerr(&e))?;
+    let peer = kube_peer_endpoint(context, namespace, peer_ca, endpoint.relay_url())?;
     let root = ca
         .issue(
             &CertRequest::client("root")
@@ -323,12 +334,50 @@ async fn open_kube(
         admin,
         etcd,
         ca,
-        peer: None,
+        peer,
         peers: PeerStore::Secrets {
             client,
             namespace: namespace.to_owned(),
         },
     })
+}
+
+/// What peers of a Kubernetes cluster are given: with the peer CA (Secret `meshd-peer-ca`)
+/// and the Service's `relay` port, credentials of the peer CA for the relay; with neither
+/// (installs before the relay, or the relay off), `None`: the cluster CA and etcd's port, as
+/// before. One without the other is refused: a relay port without the peer CA cannot be
+/// given credentials it accepts, and a peer CA without a relay port has nothing to reach.
+fn kube_peer_endpoint(
+    context: &str,
+    namespace: &str,
+    peer_ca: Option<(String, String)>,
+    relay_url: Option<String>,
+) -> Result<Option<(CertificateAuthority, String)>, CtlError> {
+    let secret = crate::kube::PEER_CA_SECRET;
+    let service = crate::kube::APISERVER_SERVICE;
+    match (peer_ca, relay_url) {
+        (None, None) => Ok(None),
+        (Some((cert, key)), Some(relay)) => {
+            let ca =
+                CertificateAuthority::from_pem(&cert, &key).map_err(|source| CtlError::Cert {
+                    context: format!(
+                        "the peer CA of context {context} (Secret {namespace}/{secret})"
+                    ),
+                    source,
+                })?;
+            Ok(Some((ca, relay)))
+        }
+        (None, Some(_)) => Err(fail(format!(
+            "context {context}: Service {namespace}/{service} has a relay port but Secret \
+             {namespace}/{secret} (the peer CA the relay trusts) does not exist: create it \
+             (see the chart README) or install with relay.enabled=false"
+        ))),
+        (Some(_), None) => Err(fail(format!(
+            "context {context}: Secret {namespace}/{secret} exists but Service \
+             {namespace}/{service} has no relay port: upgrade the chart (relay.enabled=true) \
+             or delete the Secret to peer through etcd directly"
+        ))),
+    }
 }
 
 async fn has_user(side: &Side, user: &str) -> Result<bool, CtlError> {
@@ -827,4 +876,46 @@ fn finish(
     } else {
         Status::Ok
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_peers_get_the_relay_only_with_the_peer_ca() {
+        let ca =
+            CertificateAuthority::generate("meshd-east-ca", Duration::from_secs(3600)).expect("CA");
+        let pem = || Some((ca.cert_pem().to_owned(), ca.key_pem().to_owned()));
+        let relay = || Some("https://198.18.0.1:32381".to_owned());
+        // Installs before the relay: the cluster CA and etcd, as before.
+        assert!(
+            kube_peer_endpoint("k", "meshd", None, None)
+                .unwrap()
+                .is_none()
+        );
+        // Both: peer credentials from the peer CA, for the relay.
+        let (peer_ca, server) = kube_peer_endpoint("k", "meshd", pem(), relay())
+            .unwrap()
+            .expect("relay");
+        assert_eq!(server, "https://198.18.0.1:32381");
+        assert_eq!(peer_ca.cert_pem(), ca.cert_pem());
+        // One without the other, or a broken Secret: refused, naming what is missing.
+        let e = kube_peer_endpoint("k", "meshd", None, relay())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("meshd/meshd-peer-ca") && e.contains("relay port"),
+            "{e}"
+        );
+        let e = kube_peer_endpoint("k", "meshd", pem(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no relay port"), "{e}");
+        let bad = Some(("not pem".to_owned(), "not pem".to_owned()));
+        let e = kube_peer_endpoint("k", "meshd", bad, relay())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("peer CA of context k"), "{e}");
+    }
 }

@@ -10,8 +10,11 @@
 //!     │        malformed → PeerEvent::Error + a Warning Event on the Secret
 //!     │     write_peer_secret / delete_peer_secret / list_peer_secrets (meshctl)
 //!     └─ ConfigMap meshd-config (cluster name, ID, mode), Secret meshd-ca (CA cert + key),
-//!        Service clustermesh-apiserver (NodePort / LoadBalancer address of the etcd port)
-//!           read_cluster_config / read_ca / clustermesh_endpoint (meshctl connect --context)
+//!        Secret meshd-peer-ca (peer CA, when the identity relay runs),
+//!        Service clustermesh-apiserver (NodePort / LoadBalancer address of the etcd port,
+//!        and of the relay port peers dial when there is one)
+//!           read_cluster_config / read_ca / read_peer_ca / clustermesh_endpoint
+//!           (meshctl connect --context)
 //! ```
 
 mod client;
@@ -24,6 +27,7 @@ mod tests;
 pub use client::{client_from_kubeconfig, client_from_kubeconfig_yaml};
 pub use cluster::{
     ClusterMeshEndpoint, MeshdClusterConfig, clustermesh_endpoint, read_ca, read_cluster_config,
+    read_peer_ca,
 };
 pub use secrets::{
     PeerSecretWatcher, delete_peer_secret, list_peer_secrets, parse_peer_secret, peer_secret_name,
@@ -46,10 +50,17 @@ pub const CONFIG_CLUSTER_ID: &str = "cluster-id";
 pub const CONFIG_MAX_CONNECTED_CLUSTERS: &str = "max-connected-clusters";
 /// Secret with the cluster's CA (keys `ca.crt`, `ca.key`), which signs peers' client certs.
 pub const CA_SECRET: &str = "meshd-ca";
-/// Service exposing the clustermesh-apiserver's etcd to peers.
+/// Secret with the cluster's peer CA (keys `ca.crt`, `ca.key`), present when the
+/// apiserver runs the identity relay: it signs peers' client certificates and the relay's
+/// server certificate; only the relay trusts it (etcd does not).
+pub const PEER_CA_SECRET: &str = "meshd-peer-ca";
+/// Service exposing the clustermesh-apiserver's etcd (and identity relay) to other clusters.
 pub const APISERVER_SERVICE: &str = "clustermesh-apiserver";
-/// Name of the etcd port of [`APISERVER_SERVICE`].
+/// Name of the etcd port of [`APISERVER_SERVICE`] (etcd itself: agents, meshctl as root;
+/// peers too on installs without a relay).
 pub const ETCD_PORT_NAME: &str = "etcd";
+/// Name of the identity relay's port of [`APISERVER_SERVICE`]: what peers dial.
+pub const RELAY_PORT_NAME: &str = "relay";
 
 /// A Kubernetes operation of meshd that failed. Each variant names the object.
 #[derive(Debug, thiserror::Error)]

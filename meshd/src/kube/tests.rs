@@ -193,3 +193,69 @@ fn node_port_address_prefers_ready_external_ips() {
     );
     assert_eq!(cluster::node_address(&nodes[..1]), None);
 }
+
+fn port(name: &str, port: i32, node_port: Option<i32>) -> k8s_openapi::api::core::v1::ServicePort {
+    k8s_openapi::api::core::v1::ServicePort {
+        name: Some(name.to_owned()),
+        port,
+        node_port,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn service_ports_find_etcd_and_the_relay() {
+    let o = "Service meshd/clustermesh-apiserver";
+    // The chart with the relay: etcd (agents, root) and relay (peers).
+    let both = [
+        port("etcd", 2379, Some(32379)),
+        port("relay", 2381, Some(32381)),
+    ];
+    assert_eq!(
+        cluster::service_ports(o, "NodePort", &both).unwrap(),
+        (32379, Some(32381))
+    );
+    assert_eq!(
+        cluster::service_ports(o, "LoadBalancer", &both).unwrap(),
+        (2379, Some(2381))
+    );
+    // Installs before the relay: one port (named etcd, or the first), no relay.
+    assert_eq!(
+        cluster::service_ports(o, "NodePort", &[port("client", 2379, Some(30001))]).unwrap(),
+        (30001, None)
+    );
+    // A relay node port not allocated yet, a ClusterIP Service: named errors.
+    let e = cluster::service_ports(
+        o,
+        "NodePort",
+        &[port("etcd", 2379, Some(32379)), port("relay", 2381, None)],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("spec.ports[relay].nodePort") && e.contains("not allocated"),
+        "{e}"
+    );
+    let e = cluster::service_ports(o, "ClusterIP", &both)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not reachable from other clusters"), "{e}");
+    assert!(cluster::service_ports(o, "NodePort", &[]).is_err());
+
+    let ep = ClusterMeshEndpoint {
+        host: "fd00::1".into(),
+        port: 32379,
+        relay_port: Some(32381),
+        service_type: "NodePort".into(),
+        tls_server_name: "clustermesh-apiserver.meshd.svc".into(),
+    };
+    assert_eq!(ep.url(), "https://[fd00::1]:32379");
+    assert_eq!(ep.relay_url().as_deref(), Some("https://[fd00::1]:32381"));
+    let old = ClusterMeshEndpoint {
+        relay_port: None,
+        host: "198.18.0.1".into(),
+        ..ep
+    };
+    assert_eq!(old.relay_url(), None);
+    assert_eq!(old.url(), "https://198.18.0.1:32379");
+}
