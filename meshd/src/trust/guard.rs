@@ -41,7 +41,12 @@ struct IpSlot {
 
 #[derive(Debug)]
 struct ServiceSlot {
-    value: ClusterService,
+    /// The service as the peer exported it, kept while it is pending or some of its
+    /// backends are left out; a service passed whole went downstream (moved) and only its
+    /// backend addresses are kept, to tell whether a range that shrank affects it (then
+    /// the guard asks for a relist of the peer).
+    value: Option<Box<ClusterService>>,
+    backends: Box<[IpAddr]>,
     bytes: u32,
     stamp: u64,
     /// `None`: not passed downstream (pending); else the backends left out when passed.
@@ -171,7 +176,7 @@ pub struct PeerGuard {
     clock: u64,
     clusters: BTreeMap<ClusterName, Guarded>,
     ownership: Ownership,
-    fingerprints: HashMap<ClusterName, u64>,
+    granted: HashMap<ClusterName, Vec<(u8, u128, u128)>>,
     ranges_dirty: bool,
     /// When each (cluster, range) claim was first seen, in settles (0: granted before,
     /// see [`Self::seed_granted`]).
@@ -191,7 +196,7 @@ impl PeerGuard {
             clock: 0,
             clusters: BTreeMap::new(),
             ownership: Ownership::default(),
-            fingerprints: HashMap::new(),
+            granted: HashMap::new(),
             ranges_dirty: false,
             first_seen: HashMap::new(),
             settles: 0,
@@ -537,13 +542,14 @@ impl PeerGuard {
                     st.pending -= 1;
                 }
                 let mut slot = ServiceSlot {
-                    value: s,
+                    backends: s.backends.keys().copied().collect(),
+                    value: Some(Box::new(s)),
                     bytes,
                     stamp,
                     emitted: None,
                 };
-                if ready {
-                    let refused = self.refused_backends(&cluster, &slot.value);
+                if ready && let Some(value) = slot.value.take() {
+                    let refused = self.refused_backends(&cluster, &value);
                     let newly: Vec<IpAddr> = refused
                         .iter()
                         .filter(|ip| !was_emitted.as_ref().is_some_and(|w| w.contains(ip)))
@@ -552,10 +558,18 @@ impl PeerGuard {
                     for _ in newly {
                         self.refuse(&cluster, &key, Refusal::BackendNotOwned);
                     }
+                    // Whole: moved downstream. Filtered: the original is kept.
+                    let svc = if refused.is_empty() {
+                        *value
+                    } else {
+                        let svc = filtered(&value, &refused);
+                        slot.value = Some(value);
+                        svc
+                    };
                     out.push(ClusterEvent::Apply {
                         cluster: cluster.clone(),
                         key,
-                        value: StateValue::Service(filtered(&slot.value, &refused)),
+                        value: StateValue::Service(svc),
                     });
                     slot.emitted = Some(refused);
                 } else {
@@ -764,7 +778,7 @@ impl PeerGuard {
         });
         self.ownership = Ownership::build(claims.into_iter().map(|c| c.3), self.limits.cidr);
         self.first_seen.retain(|k, _| seen.contains(k));
-        let fingerprints = self.ownership.fingerprints();
+        let granted = self.ownership.granted();
         let mut per_claimant: HashMap<&ClusterName, i64> = HashMap::new();
         for c in self.ownership.conflicts() {
             *per_claimant.entry(&c.claimant).or_default() += 1;
@@ -827,10 +841,16 @@ impl PeerGuard {
             if !self.ranges_ready(cluster) {
                 continue;
             }
-            let changed = self.fingerprints.get(cluster) != fingerprints.get(cluster);
+            let (old, new) = (self.granted.get(cluster), granted.get(cluster));
+            let changed = old != new;
+            let shrunk = changed
+                && !super::ranges::covers(
+                    new.map_or(&[][..], Vec::as_slice),
+                    old.map_or(&[][..], Vec::as_slice),
+                );
             let pending = self.clusters.get(cluster).is_some_and(|s| s.pending > 0);
             if changed || pending {
-                self.rejudge(cluster, out);
+                self.rejudge(cluster, shrunk, out);
             }
             let st = state(&mut self.clusters, cluster);
             for kind in std::mem::take(&mut st.held) {
@@ -840,12 +860,13 @@ impl PeerGuard {
                 });
             }
         }
-        self.fingerprints = fingerprints;
+        self.granted = granted;
     }
 
     /// Re-judges every IP and service of `cluster` (whose ranges are known) against the
     /// current ownership.
-    fn rejudge(&mut self, cluster: &ClusterName, out: &mut Vec<ClusterEvent>) {
+    /// `shrunk`: some address granted to the cluster before is not any more.
+    fn rejudge(&mut self, cluster: &ClusterName, shrunk: bool, out: &mut Vec<ClusterEvent>) {
         let Some(st) = self.clusters.get_mut(cluster) else {
             return;
         };
@@ -872,13 +893,23 @@ impl PeerGuard {
             }
             slot.verdict = now;
         }
-        if relist {
-            self.relists.insert(cluster.clone());
-        }
         let mut svc_changes = Vec::new();
         for ((ns, name), slot) in &mut st.services {
-            let refused = refused_backends(&self.ownership, &self.local, cluster, &slot.value);
+            let Some(value) = slot.value.take() else {
+                // Passed whole: only a shrink can take backends away, and then the original
+                // is needed to filter it.
+                if shrunk
+                    && slot.backends.iter().any(|ip| {
+                        address_check(&self.ownership, &self.local, cluster, *ip).is_err()
+                    })
+                {
+                    relist = true;
+                }
+                continue;
+            };
+            let refused = refused_backends(&self.ownership, &self.local, cluster, &value);
             if slot.emitted.as_ref() == Some(&refused) {
+                slot.value = Some(value);
                 continue;
             }
             let newly = refused
@@ -888,9 +919,18 @@ impl PeerGuard {
             if slot.emitted.is_none() {
                 st.pending -= 1;
             }
-            let svc = filtered(&slot.value, &refused);
+            let svc = if refused.is_empty() {
+                *value
+            } else {
+                let svc = filtered(&value, &refused);
+                slot.value = Some(value);
+                svc
+            };
             svc_changes.push((ns.clone(), name.clone(), svc, newly));
             slot.emitted = Some(refused);
+        }
+        if relist {
+            self.relists.insert(cluster.clone());
         }
         for (ip, was, now, value) in ip_changes {
             let key = StateKey::Ip {

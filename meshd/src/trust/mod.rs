@@ -30,12 +30,14 @@
 //! Every refusal is counted by (peer, kind, reason) in [`crate::metrics::TrustMetrics`]
 //! and logged once per key (quota refusals once as the peer becomes degraded).
 //!
-//! Memory: an admitted ipcache entry's value is moved downstream, not copied; the guard
-//! keeps its address, prefix length, size and stamp only (values of pending and refused
-//! entries, services and nodes are kept whole). An entry withdrawn because its range went
-//! to another cluster therefore cannot be restored from the guard: when its address is
-//! granted back, [`PeerGuard::take_relists`] names the peer, and the owner restarts that
-//! peer's supervisor (a relist; consumers replace its entries wholesale).
+//! Memory: an admitted ipcache entry's value, and a service passed on whole, are moved
+//! downstream, not copied; the guard keeps what judging needs (address and prefix length;
+//! a service's backend addresses), sizes and stamps. Pending and refused entries, services
+//! with backends left out, and nodes are kept whole. So an ipcache entry withdrawn because
+//! its range went to another cluster, or a whole-passed service that loses a backend when
+//! the peer's ranges shrink, cannot be redone from the guard: [`PeerGuard::take_relists`]
+//! then names the peer, and the owner restarts that peer's supervisor (a relist; consumers
+//! replace its entries wholesale). Ranges that only grow never cause a relist.
 
 mod guard;
 pub mod ranges;

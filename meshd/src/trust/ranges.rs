@@ -309,19 +309,32 @@ impl Ownership {
         &self.conflicts
     }
 
-    /// A fingerprint of the intervals granted to each cluster (one pass), for finding
-    /// the clusters whose ranges changed between two builds.
-    pub fn fingerprints(&self) -> std::collections::HashMap<ClusterName, u64> {
-        use std::hash::{Hash, Hasher};
-        let mut hashers: Vec<std::collections::hash_map::DefaultHasher> =
-            self.owners.iter().map(|_| Default::default()).collect();
+    /// The intervals granted to each cluster as `(family, first, last)`, sorted, adjacent
+    /// and overlapping ones merged (one pass), for finding the clusters whose ranges
+    /// changed, and whether they only grew, between two builds.
+    pub fn granted(&self) -> std::collections::HashMap<ClusterName, Vec<(u8, u128, u128)>> {
+        let mut per: Vec<Vec<(u8, u128, u128)>> = self.owners.iter().map(|_| Vec::new()).collect();
         for (s, g) in &self.intervals {
-            (s, g.end, g.as_node).hash(&mut hashers[g.owner]);
+            let list = &mut per[g.owner];
+            match list.last_mut() {
+                Some(last) if last.0 == s.0 && last.2.checked_add(1) == Some(s.1) => {
+                    last.2 = g.end;
+                }
+                _ => list.push((s.0, s.1, g.end)),
+            }
         }
-        self.owners
-            .iter()
-            .cloned()
-            .zip(hashers.into_iter().map(|h| h.finish()))
-            .collect()
+        self.owners.iter().cloned().zip(per).collect()
     }
+}
+
+/// Whether every interval of `old` lies inside one interval of `new` (both as
+/// [`Ownership::granted`] returns them): the ranges only grew.
+pub fn covers(new: &[(u8, u128, u128)], old: &[(u8, u128, u128)]) -> bool {
+    old.iter().all(|&(f, s, e)| {
+        let i = new.partition_point(|&(nf, ns, _)| (nf, ns) <= (f, s));
+        i > 0 && {
+            let (nf, _, ne) = new[i - 1];
+            nf == f && ne >= e
+        }
+    })
 }

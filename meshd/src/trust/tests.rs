@@ -482,6 +482,64 @@ fn service_backends_the_peer_does_not_own_are_left_out() {
 }
 
 #[test]
+fn a_service_passed_whole_is_relisted_only_when_a_shrink_takes_a_backend() {
+    let (mut g, _) = guard(PeerLimits::default());
+    list_west(&mut g, &[]);
+    let out = feed(
+        &mut g,
+        [service("west", "web", &["198.18.2.5", "198.18.2.200"])],
+    );
+    assert_eq!(out.len(), 1);
+    // West grows (a second node): nothing to redo, no relist.
+    feed(
+        &mut g,
+        [node("west", "w2", &["198.18.3.0/24"], "198.18.0.12")],
+    );
+    assert!(g.take_relists().is_empty());
+    // East takes 198.18.2.128/25 (a local claim always wins; west's overlapping /24 is
+    // refused whole): the backends are no longer west's. The guard passed the service on
+    // whole and kept no copy: it asks for a relist.
+    feed(
+        &mut g,
+        [node("east", "e2", &["198.18.2.128/25"], "198.18.0.9")],
+    );
+    assert_eq!(g.take_relists(), vec![name("west")]);
+    let out = feed(
+        &mut g,
+        [
+            init("west", StateKind::Services),
+            service("west", "web", &["198.18.2.5", "198.18.2.200"]),
+            done("west", StateKind::Services),
+        ],
+    );
+    let svc = out
+        .iter()
+        .find_map(|e| match e {
+            ClusterEvent::Apply {
+                value: StateValue::Service(s),
+                ..
+            } => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(svc.backends.is_empty(), "{svc:?}");
+    // East gives the range back: the kept original is passed whole again, no relist.
+    let out = feed(
+        &mut g,
+        [ClusterEvent::Delete {
+            cluster: name("east"),
+            key: StateKey::Node {
+                cluster: name("east"),
+                name: "e2".into(),
+            },
+        }],
+    );
+    assert!(g.take_relists().is_empty());
+    let back = out.iter().any(|e| matches!(e, ClusterEvent::Apply { value: StateValue::Service(s), .. } if s.backends.len() == 2));
+    assert!(back, "{out:?}");
+}
+
+#[test]
 fn quotas_refuse_the_excess_and_degrade_until_a_list_fits() {
     let limits = PeerLimits {
         max_ips: 3,
