@@ -259,6 +259,9 @@ impl PeerGuard {
                     },
                 );
                 st.over_quota.remove(&kind);
+                // A list that restarts before its held InitDone went out: that InitDone
+                // belongs to the old list and must not complete the new one.
+                st.held.retain(|k| *k != kind);
                 out.push(ClusterEvent::Init { cluster, kind });
             }
             ClusterEvent::Apply {
