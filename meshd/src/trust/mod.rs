@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  supervisors (local + peers) ── ClusterEvent ──► PeerGuard::apply ──► consumers
+//!  (guard.rs: the books; judge.rs: the rules for one entry; ranges.rs: ownership)
 //!       local cluster: passed through; its nodes' ranges are recorded     (merged view,
 //!       peer: quota (entries per kind, bytes per value, total bytes)        kvstoremesh's
 //!             ipcache entry: a host prefix on an address the peer owns      cache writer)
@@ -40,6 +41,7 @@
 //! replace its entries wholesale). Ranges that only grow never cause a relist.
 
 mod guard;
+mod judge;
 pub mod ranges;
 #[cfg(test)]
 mod tests;

@@ -941,7 +941,7 @@ fn value_size_estimate_is_close_to_the_encoding() {
             StateValue::Node(e) => crate::keys::encode(e).len(),
             StateValue::Identity(e) => crate::keys::encode(e).len(),
         };
-        let est = guard::encoded_len(&v);
+        let est = judge::encoded_len(&v);
         assert!(
             est * 2 >= json && est <= json * 2,
             "estimate {est} vs JSON {json}"
