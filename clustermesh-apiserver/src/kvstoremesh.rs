@@ -566,7 +566,7 @@ fn local_nodes(
     tx: mpsc::Sender<ClusterEvent>,
 ) -> tokio::task::JoinHandle<()> {
     use futures::StreamExt;
-    use meshd::reflector::{Event, Reflector, StateCodec};
+    use meshd::reflector::{Reflector, StateCodec};
     let codec = StateCodec {
         kind: StateKind::Nodes,
         cluster: local.clone(),
@@ -579,19 +579,8 @@ fn local_nodes(
     tokio::spawn(async move {
         let mut events = std::pin::pin!(reflector.into_stream());
         while let Some(item) = events.next().await {
-            let cluster = local.clone();
-            let kind = StateKind::Nodes;
             let ev = match item {
-                Ok(Event::Init) => ClusterEvent::Init { cluster, kind },
-                Ok(Event::InitApply(key, value) | Event::Apply(key, value)) => {
-                    ClusterEvent::Apply {
-                        cluster,
-                        key,
-                        value,
-                    }
-                }
-                Ok(Event::Delete(key)) => ClusterEvent::Delete { cluster, key },
-                Ok(Event::InitDone) => ClusterEvent::InitDone { cluster, kind },
+                Ok(ev) => ClusterEvent::from_reflector(local.clone(), StateKind::Nodes, ev),
                 Err(e) => {
                     tracing::debug!(error = %e, "kvstoremesh: local nodes reflector retrying");
                     continue;

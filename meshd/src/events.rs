@@ -59,6 +59,25 @@ pub enum ClusterEvent {
 }
 
 impl ClusterEvent {
+    /// The event of `cluster` that a reflector of `kind` reports as `ev`.
+    pub fn from_reflector(
+        cluster: ClusterName,
+        kind: StateKind,
+        ev: crate::reflector::Event<StateKey, StateValue>,
+    ) -> Self {
+        use crate::reflector::Event;
+        match ev {
+            Event::Init => Self::Init { cluster, kind },
+            Event::InitApply(key, value) | Event::Apply(key, value) => Self::Apply {
+                cluster,
+                key,
+                value,
+            },
+            Event::Delete(key) => Self::Delete { cluster, key },
+            Event::InitDone => Self::InitDone { cluster, kind },
+        }
+    }
+
     /// The cluster the event is about.
     pub fn cluster(&self) -> &ClusterName {
         match self {

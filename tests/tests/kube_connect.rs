@@ -311,12 +311,10 @@ async fn kube_meshctl_connect_through_the_identity_relay() {
         wait_for("peer drained", &h, |h| h.status.borrow().peers.is_empty()).await;
     }
     // The relay holds no connection of the revoked user any more.
-    let deadline = Instant::now() + CONVERGE;
-    while relay(&west).relay.live_connections("remote-east") > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "remote-east still connected to west's relay"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh_tests::util::eventually(
+        "remote-east no longer connected to west's relay",
+        CONVERGE,
+        async || relay(&west).relay.live_connections("remote-east") == 0,
+    )
+    .await;
 }

@@ -1,25 +1,13 @@
 //! A privileged test that cannot run skips loudly outside CI and fails under
-//! `MESHD_REQUIRE_PRIVILEGED` (what `.ci/run` sets): checked by running a probe test of
-//! this binary without privileges (as `nobody` when this runs as root).
+//! `MESHD_REQUIRE_PRIVILEGED` (what `.ci/run` sets): checked by rerunning this test
+//! without privileges (as `nobody` when this runs as root).
 
 use std::process::Command;
 
 use mesh_tests::lab::{PRIVILEGED_LOG_ENV, REQUIRE_PRIVILEGED_ENV, is_root};
 
 const CHILD: &str = "MESHD_TEST_PRIVILEGE_PROBE";
-const PROBE: &str = "privilege_probe";
-
-/// Not a test of its own: the entry point the test below runs as an unprivileged child.
-#[test]
-#[ignore = "run as a child by a_privileged_test_skips_loudly_or_fails_when_required"]
-fn privilege_probe() {
-    assert!(
-        std::env::var_os(CHILD).is_some(),
-        "run only as the probe child"
-    );
-    mesh_tests::require_root!("privilege_probe");
-    panic!("the probe ran although it lacks privileges");
-}
+const TEST: &str = "a_privileged_test_skips_loudly_or_fails_when_required";
 
 /// Runs the probe unprivileged; returns (success, output, privileged log).
 fn probe(require: bool) -> (bool, String, String) {
@@ -39,16 +27,10 @@ fn probe(require: bool) -> (bool, String, String) {
     } else {
         Command::new(&exe)
     };
-    cmd.args([
-        "--exact",
-        PROBE,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(CHILD, "1")
-    .env(PRIVILEGED_LOG_ENV, log.path())
-    .env_remove(REQUIRE_PRIVILEGED_ENV);
+    cmd.args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .env(PRIVILEGED_LOG_ENV, log.path())
+        .env_remove(REQUIRE_PRIVILEGED_ENV);
     if require {
         cmd.env(REQUIRE_PRIVILEGED_ENV, "1");
     }
@@ -66,6 +48,11 @@ fn probe(require: bool) -> (bool, String, String) {
 
 #[test]
 fn a_privileged_test_skips_loudly_or_fails_when_required() {
+    if std::env::var_os(CHILD).is_some() {
+        // The probe: this same test, rerun without privileges by the code below.
+        mesh_tests::require_root!("privilege_probe");
+        panic!("the probe ran although it lacks privileges");
+    }
     let (ok, text, logged) = probe(false);
     assert!(ok, "without the requirement the probe skips: {text}");
     assert!(

@@ -321,14 +321,12 @@ async fn malformed_entries_are_dropped_and_counted() {
     // The good entries can all be in before the list reaches the bad keys (`not-an-ip-…`
     // sorts after every address): wait for the list itself to be done with them.
     let reasons = ["bad-key", "bad-value", "identity-out-of-range", "mismatch"];
-    let deadline = tokio::time::Instant::now() + CONVERGE;
-    while reasons
-        .iter()
-        .any(|r| metrics.dropped_total("east", r) < 250)
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    mesh_tests::util::eventually("the list reaches the bad keys", CONVERGE, async || {
+        reasons
+            .iter()
+            .all(|r| metrics.dropped_total("east", r) >= 250)
+    })
+    .await;
     for reason in reasons {
         assert_eq!(metrics.dropped_total("east", reason), 250, "{reason}");
     }

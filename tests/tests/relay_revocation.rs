@@ -16,6 +16,7 @@ use clustermesh_apiserver::relay::{
 };
 use futures::StreamExt;
 use mesh_certs::{CertRequest, CertificateAuthority};
+use mesh_tests::util::eventually;
 use mesh_tests::{EtcdGuard, init_tracing};
 use meshd::kv::{EtcdConfig, EtcdStore, KvStore, WatchEvent};
 use meshd::model::ClusterName;
@@ -299,16 +300,12 @@ async fn revoked_peer_loses_its_open_watch_within_5s() {
         .unwrap();
     // (The relay asks etcd again at most once per check interval.)
     let x = s.peer("remote-x").await;
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match x.get(&format!("{PREFIX}0")).await {
-                Ok(v) => break assert!(v.is_some()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    })
-    .await
-    .expect("a peer user that exists again is admitted again");
+    eventually(
+        "a peer user that exists again is admitted again",
+        WAIT,
+        async || matches!(x.get(&format!("{PREFIX}0")).await, Ok(Some(_))),
+    )
+    .await;
     s.stop().await;
 }
 
@@ -332,6 +329,11 @@ async fn relay_refuses_non_peers_and_etcd_refuses_peer_certificates() {
         .await
         .expect_err("root must not pass the relay");
     println!("root through the relay: {e}");
+    // The client can see the refusal before the relay's task has counted it.
+    eventually("the relay counts the refusal", WAIT, async || {
+        s.refused("not-a-peer") >= 1
+    })
+    .await;
     assert_eq!(s.refused("not-a-peer"), 1);
 
     // root with the cluster CA's certificate: the relay does not accept that CA at all.
@@ -342,6 +344,10 @@ async fn relay_refuses_non_peers_and_etcd_refuses_peer_certificates() {
         .get(&format!("{PREFIX}k"))
         .await
         .expect_err("a cluster-CA certificate must not pass the relay");
+    eventually("the relay counts the failed handshake", WAIT, async || {
+        s.refused("handshake") >= 1
+    })
+    .await;
     assert!(s.refused("handshake") >= 1);
 
     // A peer certificate presented to etcd directly fails: etcd does not trust the peer CA.

@@ -14,6 +14,7 @@ use ipnet::{IpNet, Ipv4Net};
 use mesh_agent::runtime::{PeerAccess, ViewHandles};
 use mesh_tests::init_tracing;
 use mesh_tests::mesh::{TestCluster, connect};
+use mesh_tests::util::eventually;
 use meshd::keys::{Key, StateKey, StateKind, encode};
 use meshd::kv::{EtcdStore, KvStore};
 use meshd::metrics::TrustMetrics;
@@ -36,14 +37,6 @@ fn view_ips(h: &ViewHandles) -> BTreeMap<IpAddr, String> {
         .iter()
         .map(|(ip, e)| (*ip, e.cluster.to_string()))
         .collect()
-}
-
-async fn wait_until(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + CONVERGE;
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn entry(a: Ipv4Addr, prefix_len: u8, id: Identity) -> IpCacheEntry {
@@ -112,7 +105,7 @@ async fn scenario(access: PeerAccess, check: impl AsyncFnOnce(&TestCluster, &Vie
     };
     let agent = east.start_agent_with_limits(access, limits, agent_trust);
     let h = agent.handles();
-    wait_until("every pod of the three clusters", async || {
+    eventually("every pod of the three clusters", CONVERGE, async || {
         view_ips(&h).len() == 2 + 10 + 5
     })
     .await;
@@ -195,7 +188,7 @@ async fn scenario(access: PeerAccess, check: impl AsyncFnOnce(&TestCluster, &Vie
     hostile.ip(&big).await;
     // A good new pod, then a flood past the quota.
     hostile.claim(ip(2, 200), 32).await;
-    wait_until("west's good new pod", async || {
+    eventually("west's good new pod", CONVERGE, async || {
         view_ips(&h).contains_key(&IpAddr::V4(ip(2, 200)))
     })
     .await;
@@ -215,7 +208,7 @@ async fn scenario(access: PeerAccess, check: impl AsyncFnOnce(&TestCluster, &Vie
         )
         .await
         .unwrap();
-    wait_until("west's deleted pod gone", async || {
+    eventually("west's deleted pod gone", CONVERGE, async || {
         !view_ips(&h).contains_key(&IpAddr::V4(ip(2, 19)))
     })
     .await;
@@ -251,14 +244,18 @@ async fn scenario(access: PeerAccess, check: impl AsyncFnOnce(&TestCluster, &Vie
         assert!(!view.contains_key(&IpAddr::V4(a)), "{a} admitted");
     }
     // The service keeps only west's own backend.
-    wait_until("the evil service with its own backend only", async || {
-        h.services
-            .borrow()
-            .service("default", "evil")
-            .is_some_and(|s| {
-                s.active().map(|b| b.ip).collect::<Vec<_>>() == vec![IpAddr::V4(ip(2, 10))]
-            })
-    })
+    eventually(
+        "the evil service with its own backend only",
+        CONVERGE,
+        async || {
+            h.services
+                .borrow()
+                .service("default", "evil")
+                .is_some_and(|s| {
+                    s.active().map(|b| b.ip).collect::<Vec<_>>() == vec![IpAddr::V4(ip(2, 10))]
+                })
+        },
+    )
     .await;
     // Counted by reason (kvstoremesh's guard in cached mode, the agent's in direct mode).
     assert_eq!(trust.refused_total("west", "prefix-not-host"), 33);
@@ -321,8 +318,9 @@ async fn trust_hostile_peer_read_directly_is_refused_by_the_agent() {
         PeerAccess::Direct,
         async |_east: &TestCluster, h: &ViewHandles| {
             // The agent's status names west degraded (ip) with its two refused claims.
-            wait_until(
+            eventually(
                 "west degraded with two range conflicts in the agent's status",
+                CONVERGE,
                 async || {
                     h.status.borrow().peers.iter().any(|p| {
                         p.name.as_str() == "west"

@@ -44,7 +44,7 @@ use crate::keys::{self, IdentityScope, Key, StateKind};
 use crate::kv::{EtcdConfig, EtcdStore, KvError, KvStore};
 use crate::metrics::ReflectorMetrics;
 use crate::model::{ClusterConfig, ClusterId, ClusterName, MaxConnectedClusters};
-use crate::reflector::{Event, Reflector, StateCodec};
+use crate::reflector::{Reflector, StateCodec};
 
 /// Where a cluster's data is read from.
 #[derive(Clone)]
@@ -631,20 +631,11 @@ impl Supervisor {
                 }
             };
             let cluster = self.name.clone();
-            let out = match ev {
-                Event::Init => ClusterEvent::Init { cluster, kind },
-                Event::InitApply(key, value) | Event::Apply(key, value) => ClusterEvent::Apply {
-                    cluster,
-                    key,
-                    value,
-                },
-                Event::Delete(key) => ClusterEvent::Delete { cluster, key },
-                Event::InitDone => {
-                    listed.insert(kind, true);
-                    ClusterEvent::InitDone { cluster, kind }
-                }
-            };
+            let out = ClusterEvent::from_reflector(cluster, kind, ev);
             let done = matches!(out, ClusterEvent::InitDone { .. });
+            if done {
+                listed.insert(kind, true);
+            }
             if let Err(e) = self.send(out).await {
                 return Ended::Failed(e);
             }

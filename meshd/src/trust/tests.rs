@@ -193,6 +193,27 @@ fn deleted_ips(out: &[ClusterEvent]) -> Vec<IpAddr> {
         .collect()
 }
 
+/// The first node and the first service consumers are given in `out`.
+fn applied_node(out: &[ClusterEvent]) -> Option<&Node> {
+    out.iter().find_map(|e| match e {
+        ClusterEvent::Apply {
+            value: StateValue::Node(n),
+            ..
+        } => Some(n),
+        _ => None,
+    })
+}
+
+fn applied_service(out: &[ClusterEvent]) -> Option<&ClusterService> {
+    out.iter().find_map(|e| match e {
+        ClusterEvent::Apply {
+            value: StateValue::Service(s),
+            ..
+        } => Some(s),
+        _ => None,
+    })
+}
+
 fn a(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -305,16 +326,7 @@ fn a_peer_cidr_overlapping_the_local_one_is_refused_and_left_out_of_its_node() {
             done("west", StateKind::Ip),
         ],
     );
-    let node = out
-        .iter()
-        .find_map(|e| match e {
-            ClusterEvent::Apply {
-                value: StateValue::Node(n),
-                ..
-            } => Some(n.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let node = applied_node(&out).unwrap();
     assert_eq!(node.pod_cidrs, vec!["198.18.2.0/24".parse().unwrap()]);
     assert_eq!(applied_ips(&out), vec![a("198.18.2.9")]);
     assert_eq!(metrics.refused_total("west", "address-of-local"), 1);
@@ -457,13 +469,7 @@ fn service_backends_the_peer_does_not_own_are_left_out() {
             &["198.18.2.5", "198.18.1.5", "8.8.8.8"],
         )],
     );
-    let ClusterEvent::Apply {
-        value: StateValue::Service(s),
-        ..
-    } = &out[0]
-    else {
-        panic!("{out:?}")
-    };
+    let s = applied_service(&out).unwrap_or_else(|| panic!("{out:?}"));
     assert_eq!(
         s.backends.keys().copied().collect::<Vec<_>>(),
         vec![a("198.18.2.5")]
@@ -512,16 +518,7 @@ fn a_service_passed_whole_is_relisted_only_when_a_shrink_takes_a_backend() {
             done("west", StateKind::Services),
         ],
     );
-    let svc = out
-        .iter()
-        .find_map(|e| match e {
-            ClusterEvent::Apply {
-                value: StateValue::Service(s),
-                ..
-            } => Some(s.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let svc = applied_service(&out).unwrap();
     assert!(svc.backends.is_empty(), "{svc:?}");
     // East gives the range back: the kept original is passed whole again, no relist.
     let out = feed(
@@ -648,7 +645,7 @@ fn ownership_lookup_handles_families_and_same_cluster_overlaps() {
     n2.name = "b".into();
     n2.pod_cidrs = vec![
         "198.18.4.0/23".parse().unwrap(),
-        "10.0.0.0/8".parse().unwrap(),
+        "198.18.0.0/15".parse().unwrap(),
     ];
     let o = Ownership::build(
         ranges::claims_of(&n1).chain(ranges::claims_of(&n2)),
@@ -668,7 +665,7 @@ fn ownership_lookup_handles_families_and_same_cluster_overlaps() {
         Some("east")
     );
     assert!(o.owner(a("198.18.6.1")).is_none());
-    assert!(o.owner(a("10.1.1.1")).is_none(), "a /8 is too wide");
+    assert!(o.owner(a("198.19.1.1")).is_none(), "a /15 is too wide");
     assert_eq!(o.conflicts().len(), 1);
     assert_eq!(o.conflicts()[0].reason, RangeRefusal::TooWide);
 }
